@@ -1,0 +1,208 @@
+"""One BYOL replica: online and target networks, optimiser, EMA, augmentation and the training step.
+
+It knows nothing of Ray or MLflow. Distributed data parallelism enters only through ``torch.distributed``
+(DDP for the online network, a few small all-reduces): the same object trains in-process, in one Ray
+Train worker or in many.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import TwoViews
+from .config import Config
+from .ema import EMA, tau_at
+from .loss import byol_loss
+from .model import OnlineNetwork, make_target, two_view_forward, unwrap
+from .optim import build_optimizer, lr_at, peak_lr, set_lr
+
+
+@dataclass
+class StepStats:
+    loss: float
+    probe_loss: float
+    probe_correct: int
+    probe_count: int
+    repr_std: float
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def epoch_seed(seed: int, rank: int, epoch: int, stream: str) -> int:
+    """A seed per (run seed, rank, epoch, stream), so every epoch's randomness is reproducible from the
+    epoch number alone: a run resumed from an epoch checkpoint replays exactly what it would have done."""
+    h = hashlib.sha256(f"{seed}/{rank}/{epoch}/{stream}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+class Pretrainer:
+    def __init__(self, cfg: Config, in_channels: int, n_classes: int, mean, std, device: torch.device,
+                 steps_per_epoch: int, rank: int = 0, world_size: int = 1):
+        self.cfg = cfg
+        self.device = device
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * cfg.optim.epochs
+        self.warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+        self.peak_lr = peak_lr(cfg.optim)
+        self.step = 0
+
+        # Same seed on every rank: identical initial weights even before DDP's broadcast.
+        torch.manual_seed(cfg.run.seed)
+        online = OnlineNetwork(cfg.model, in_channels).to(device)
+        if device.type == "cuda" and world_size > 1 and cfg.model.sync_batchnorm:
+            online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+        if world_size > 1:
+            # broadcast_buffers=False: BatchNorm buffers are averaged explicitly after each step instead.
+            online = nn.parallel.DistributedDataParallel(
+                online, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        self.online = online
+        # The target starts as a copy of the (DDP-broadcast) online weights.
+        self.target = make_target(unwrap(online)).to(device)
+        self.ema = EMA(unwrap(online).branch, self.target, cfg.model.target_bn)
+        # Every float buffer of the online network (encoder, projector and predictor BatchNorm).
+        self._online_fbufs = [b for b in unwrap(online).buffers() if b.is_floating_point()]
+        self.optimizer = build_optimizer(unwrap(online), cfg.optim)
+        # Online linear probe on detached representations: a cheap accuracy monitor, trained with its own
+        # optimiser and its gradients averaged over workers so it is identical on every rank.
+        self.probe = nn.Linear(unwrap(online).encoder.out_dim, n_classes).to(device)
+        self.probe_opt = torch.optim.Adam(self.probe.parameters(), lr=1e-3)
+        self.views = TwoViews(cfg.augment, cfg.data.image_size, mean, std)
+        self.generator = torch.Generator(device=device)
+
+    # ---- schedules ------------------------------------------------------------------------------
+    def lr(self) -> float:
+        return lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
+
+    def tau(self) -> float:
+        o = self.cfg.optim
+        return tau_at(self.step, self.total_steps, o.tau_base, o.tau_schedule)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(epoch_seed(self.cfg.run.seed, self.rank, epoch, "augment"))
+
+    # ---- the step -------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepStats:
+        """One optimiser step over this worker's micro-batches (gradient accumulation), then one EMA step."""
+        self.online.train()
+        self.target.train()
+        lr, tau = self.lr(), self.tau()
+        set_lr(self.optimizer, lr)
+        n_micro = len(micro_batches)
+        total_loss = probe_loss_sum = 0.0
+        probe_correct = probe_count = 0
+        repr_std = 0.0
+        for i, (images, labels) in enumerate(micro_batches):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            v1, v2 = self.views(images, self.generator)
+            # All-reduce gradients only on the last micro-batch of the step.
+            sync = (i == n_micro - 1) or not isinstance(self.online, nn.parallel.DistributedDataParallel)
+            ctx = contextlib.nullcontext() if sync else self.online.no_sync()
+            with ctx:
+                y1, _, z1, _, q1, q2 = self.online(v1, v2)
+                with torch.no_grad():
+                    _, _, t1, t2 = two_view_forward(self.target, v1, v2, self.cfg.model.separate_view_forward)
+                loss = byol_loss(q1, q2, t1, t2)
+                (loss / n_micro).backward()
+            total_loss += loss.item() / n_micro
+            repr_std += representation_std(z1) / n_micro
+            pl, pc, pn = self._probe_backward(y1.detach(), labels, n_micro)
+            probe_loss_sum += pl
+            probe_correct += pc
+            probe_count += pn
+        if self.cfg.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._probe_step()
+        self._sync_online_buffers()
+        self.ema.update(tau)
+        self.step += 1
+        return StepStats(total_loss, probe_loss_sum, probe_correct, probe_count, repr_std)
+
+    def _probe_backward(self, feats: torch.Tensor, labels: torch.Tensor, n_micro: int):
+        keep = labels >= 0
+        if not keep.any():
+            return 0.0, 0, 0
+        logits = self.probe(feats[keep])
+        loss = F.cross_entropy(logits, labels[keep])
+        (loss / n_micro).backward()
+        correct = (logits.argmax(1) == labels[keep]).sum().item()
+        return loss.item() / n_micro, correct, int(keep.sum().item())
+
+    def _probe_step(self) -> None:
+        grads = [p.grad for p in self.probe.parameters() if p.grad is not None]
+        if not grads:
+            return
+        allreduce_mean_(grads)
+        self.probe_opt.step()
+        self.probe_opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _sync_online_buffers(self) -> None:
+        """Average the online BatchNorm running statistics over workers (each rank saw its own shard), so
+        the EMA of them, and hence the target, is identical everywhere. One small all-reduce per step."""
+        allreduce_mean_(self._online_fbufs)
+
+    # ---- state ----------------------------------------------------------------------------------
+    @property
+    def encoder(self) -> nn.Module:
+        return unwrap(self.online).encoder
+
+    def state_dict(self) -> dict:
+        return {
+            "online": unwrap(self.online).state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "probe": self.probe.state_dict(),
+            "probe_optimizer": self.probe_opt.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.online).load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.probe.load_state_dict(state["probe"])
+        self.probe_opt.load_state_dict(state["probe_optimizer"])
+        self.step = int(state["step"])
+
+    @torch.no_grad()
+    def checksums(self) -> dict[str, float]:
+        """A float64 sum per tensor of the online and target networks: compared across workers."""
+        out = {}
+        for prefix, module in (("online", unwrap(self.online)), ("target", self.target)):
+            for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+                out[f"{prefix}.{name}"] = t.detach().double().sum().item()
+        return out
+
+
+@torch.no_grad()
+def allreduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average tensors over workers in place with one all-reduce of their concatenation."""
+    if not distributed() or not tensors:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def representation_std(z: torch.Tensor) -> float:
+    """Mean per-dimension std of L2-normalised outputs, times sqrt(dim): ~1 when spread out, 0 when
+    collapsed to a point (the collapse monitor of the paper's discussion and of SimSiam)."""
+    zn = F.normalize(z.detach().float(), dim=1)
+    return (zn.std(dim=0).mean() * zn.shape[1] ** 0.5).item()

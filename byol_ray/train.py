@@ -1,0 +1,214 @@
+"""Pretraining on Ray Train: the driver, and ``python -m byol_ray.train`` for laptops and ``ray job submit``.
+
+    python -m byol_ray.train --config experiments/fmnist.yaml optim.epochs=5 run.num_workers=2
+
+The driver validates everything it can (config, data files, MLflow, cluster resources) before asking Ray
+for anything, creates or resumes the MLflow run, then runs `train_loop_per_worker` in a `TorchTrainer`.
+Rerunning the same command with the same ``run.name`` resumes that run from its latest checkpoint and
+continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, load_config
+from .data import DataError, check_data
+from .errors import UserError, run_cli
+from .tracking import TrackingError, Tracker, check_reachable, environment_tags, find_run_by_name, resolve_tracking_uri
+
+
+class ResourceError(UserError):
+    pass
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: the plain per-worker loop with a Ray session and, on rank 0,
+    the MLflow writer for per-epoch metrics."""
+    from .loop import pretrain
+    from .session import RaySession
+
+    cfg = Config.from_dict(loop_config["config"])
+    session = RaySession()
+    run_id = loop_config.get("mlflow_run_id", "")
+    tracker = Tracker(loop_config["tracking_uri"], run_id) if (run_id and session.rank == 0) else None
+    pretrain(cfg, session, tracker, run_id)
+
+
+def storage_path(cfg: Config) -> str:
+    return cfg.run.storage_path or str(cfg.output_dir / "ray_results")
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail in seconds when the cluster can never hold the worker group (Ray would wait forever)."""
+    import ray
+
+    r = cfg.run
+    need_gpu = r.gpus_per_worker or (1.0 if r.device == "cuda" else 0.0)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    per_node = [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in nodes]
+    # How many workers fit, node by node (a worker cannot span nodes).
+    fit = 0
+    for cpu, gpu in per_node:
+        by_cpu = int(cpu // r.cpus_per_worker + 1e-9)
+        by_gpu = int(gpu // need_gpu + 1e-9) if need_gpu else by_cpu
+        fit += min(by_cpu, by_gpu)
+    if fit < r.num_workers:
+        total_cpu = sum(c for c, _ in per_node)
+        total_gpu = sum(g for _, g in per_node)
+        raise ResourceError(
+            f"the Ray cluster cannot hold {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU"
+            + (f" + {need_gpu:g} GPU" if need_gpu else "")
+            + f": its {len(nodes)} node(s) have {total_cpu:g} CPUs and {total_gpu:g} GPUs in all, room for "
+            f"{fit} such worker(s). Lower run.num_workers / run.cpus_per_worker / run.gpus_per_worker, or "
+            f"add nodes (for a local cluster: ray start --head --num-cpus N)."
+        )
+
+
+def preflight(cfg: Config) -> str:
+    """Checks that need no Ray resources; returns the tracking URI."""
+    check_data(cfg.data)
+    if cfg.run.device == "cuda" or cfg.run.gpus_per_worker > 0:
+        if cfg.run.device == "cpu":
+            raise ConfigError("run.gpus_per_worker > 0 with run.device=cpu: choose one")
+    uri = resolve_tracking_uri(cfg)
+    if cfg.tracking.enabled:
+        check_reachable(uri)
+    return uri
+
+
+def connect_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=cfg.run.address or None, log_to_driver=True)
+    except ConnectionError as e:
+        raise UserError(
+            f"cannot connect to the Ray cluster at {cfg.run.address!r} ({e}). Start one with "
+            f"`ray start --head`, or leave run.address empty to start a local Ray."
+        ) from None
+
+
+def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "") -> dict[str, Any]:
+    """Driver: preflight, MLflow run, TorchTrainer.fit, model and evaluation table logged at the end."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .evaluate import EvalRow, rows_to_markdown, write_table
+
+    uri = preflight(cfg)
+    connect_ray(cfg)
+    check_resources(cfg)
+
+    tracker = None
+    if cfg.tracking.enabled:
+        existing = find_run_by_name(cfg, unfinished_only=True)
+        if existing:
+            tracker = Tracker(uri, existing)
+            print(f"[driver] resuming MLflow run {existing} of run.name={cfg.run.name}", flush=True)
+        else:
+            tracker = Tracker.start(cfg, tags={**environment_tags(cfg.run.num_workers), **(tags or {})},
+                                    parent_run_id=parent_run_id)
+            print(f"[driver] MLflow run {tracker.run_id} at {uri}", flush=True)
+        out_dir = cfg.output_dir / cfg.run.name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        tracker.log_artifact(out_dir / "config.json")
+
+    use_gpu = cfg.run.device == "cuda" or cfg.run.gpus_per_worker > 0
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.run.gpus_per_worker or 1.0
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "mlflow_run_id": tracker.run_id if tracker else "",
+            "tracking_uri": uri,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path(cfg),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+    )
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    except BaseException as e:
+        if tracker:
+            tracker.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
+            tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    wall = time.time() - t0
+    metrics = dict(result.metrics or {})
+    rows = [EvalRow(**json.loads(r)) for r in metrics.get("eval_rows", [])] if "eval_rows" in metrics else []
+    out: dict[str, Any] = {"metrics": metrics, "rows": rows, "wall_seconds": wall,
+                           "checkpoint": result.checkpoint, "run_id": tracker.run_id if tracker else ""}
+    if rows:
+        out_dir = cfg.output_dir / cfg.run.name
+        files = write_table(rows, out_dir)
+        print("\n" + rows_to_markdown(rows), flush=True)
+        print(f"[driver] evaluation table written to {files['markdown']} and {files['csv']}", flush=True)
+    if tracker:
+        tracker.set_tags({"restarts": str(int(metrics.get("restarts", 0))), "wall_seconds": f"{wall:.0f}"})
+        if rows:
+            for f in write_table(rows, cfg.output_dir / cfg.run.name).values():
+                tracker.log_artifact(f)
+        if cfg.tracking.log_model and result.checkpoint is not None:
+            out["model_uri"] = log_encoder(cfg, tracker, result.checkpoint)
+        tracker.end("FINISHED")
+    return out
+
+
+def log_encoder(cfg: Config, tracker: Tracker, checkpoint) -> str:
+    """Rebuild the online encoder from the final checkpoint and log it as an MLflow PyTorch model."""
+    import torch
+
+    from .checkpoint import load_state
+    from .model import OnlineNetwork
+
+    with checkpoint.as_directory() as d:
+        state = load_state(d)
+    channels = int(state["in_channels"])
+    online = OnlineNetwork(cfg.model, channels)
+    online.load_state_dict(state["trainer"]["online"])
+    encoder = online.encoder.eval()
+    example = torch.zeros(2, channels, cfg.data.image_size, cfg.data.image_size).numpy()
+    uri = tracker.log_model(encoder, "encoder", input_example=example)
+    print(f"[driver] encoder logged to MLflow as {uri}", flush=True)
+    return uri
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="byol-ray train", description="BYOL pretraining on Ray Train")
+    p.add_argument("--config", "-c", default=None, help="YAML config (e.g. experiments/fmnist.yaml)")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.epochs=5")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def go() -> int:
+        cfg = load_config(args.config, args.overrides)
+        out = run_training(cfg)
+        print(f"[driver] done in {out['wall_seconds']:.0f} s; MLflow run {out['run_id']}", flush=True)
+        return 0
+
+    return run_cli(go, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
