@@ -17,8 +17,11 @@ from .config import Config, ConfigError
 
 STATE_FILE = "state.pt"
 # Config sections that must match for a checkpoint to be resumable (run/eval/tracking may change).
-_MUST_MATCH = ("model", "data.dataset", "data.image_size", "optim.batch_size", "optim.epochs",
-               "optim.accumulate_steps", "run.num_workers")
+# train_subset and steps_per_epoch set the steps per epoch (a change would leave the restored step count
+# out of step with the lr/tau schedule); a different optimizer cannot load the saved optimizer state.
+_MUST_MATCH = ("model", "data.dataset", "data.image_size", "data.train_subset", "optim.batch_size",
+               "optim.epochs", "optim.steps_per_epoch", "optim.optimizer", "optim.accumulate_steps",
+               "run.num_workers")
 
 
 def save_state(directory: str | os.PathLike, state: dict[str, Any]) -> Path:

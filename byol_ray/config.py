@@ -133,6 +133,7 @@ class EvalConfig:
     linear_epochs: int = 100  # full-batch L-BFGS/Adam epochs of the frozen-feature probe
     linear_lr: float = 0.1
     linear_weight_decay: float = 1e-5
+    final: bool = True  # evaluate at the end of pretraining (off for benchmarks)
     baselines: bool = True  # also score raw pixels and an untrained encoder
     batch_size: int = 512
 

@@ -62,9 +62,9 @@ class Pretrainer:
         if device.type == "cuda" and world_size > 1 and cfg.model.sync_batchnorm:
             online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
         if world_size > 1:
-            # broadcast_buffers=False: BatchNorm buffers are averaged explicitly after each step instead.
+            # No per-forward buffer broadcast: BatchNorm buffers are averaged explicitly after each step.
             online = nn.parallel.DistributedDataParallel(
-                online, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+                online, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
         self.online = online
         # The target starts as a copy of the (DDP-broadcast) online weights.
         self.target = make_target(unwrap(online)).to(device)

@@ -159,7 +159,7 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
                 tracker.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
         last = epoch + 1 == cfg.optim.epochs
         rows: list[EvalRow] = []
-        if last and rank == 0:
+        if last and rank == 0 and cfg.eval.final:
             # Evaluated before the last report so the scores travel with the final checkpoint's metrics.
             rows = final_evaluation(cfg, trainer, train, mean, std, device)
             metrics.update(eval_metrics(rows))
@@ -226,16 +226,19 @@ class ReplicaMismatch(RuntimeError):
 def check_replicas(trainer: Pretrainer, rank: int, world: int) -> dict[str, float]:
     """Compare per-tensor checksums of online and target networks across workers; raise on mismatch.
 
-    Returns the metrics logged every epoch: a checksum of the target and whether replicas agree.
+    Returns the metrics logged every epoch: each rank's target checksum (so the agreement is visible in
+    MLflow, not only asserted) and whether all replicas agree.
     """
     sums = trainer.checksums()
     names = list(sums)
     vec = torch.tensor([sums[n] for n in names], dtype=torch.float64)
-    target_sum = float(sum(v for n, v in sums.items() if n.startswith("target.")))
-    if world == 1 or not distributed():
-        return {"target_checksum": target_sum, "replicas_in_sync": 1.0}
-    gathered = [torch.zeros_like(vec) for _ in range(world)]
-    dist.all_gather(gathered, vec)
+    is_target = torch.tensor([n.startswith("target.") for n in names])
+    gathered = [vec]
+    if world > 1 and distributed():
+        gathered = [torch.zeros_like(vec) for _ in range(world)]
+        dist.all_gather(gathered, vec)
+    out = {f"target_checksum_rank{r}": g[is_target].sum().item() for r, g in enumerate(gathered)}
+    out["target_checksum"] = out["target_checksum_rank0"]
     bad = sorted({names[i] for g in gathered[1:] for i in torch.nonzero(g != gathered[0]).flatten().tolist()})
     if bad:
         ranks = [r for r in range(1, world) if not torch.equal(gathered[r], gathered[0])]
@@ -243,7 +246,8 @@ def check_replicas(trainer: Pretrainer, rank: int, world: int) -> dict[str, floa
             f"replicas diverged after step {trainer.step}: rank(s) {ranks} differ from rank 0 in "
             f"{len(bad)} tensor(s): {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}"
         )
-    return {"target_checksum": target_sum, "replicas_in_sync": 1.0}
+    out["replicas_in_sync"] = 1.0
+    return out
 
 
 def knn_monitor(cfg: Config, trainer: Pretrainer, train: ImageData, mean, std, device) -> float:

@@ -140,7 +140,9 @@ class Tracker:
 
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pytorch.log_model(model, name=name, input_example=input_example)
+            # pt2 (torch.export) rather than pickle: loading it back cannot run arbitrary code.
+            info = mlflow.pytorch.log_model(model, name=name, input_example=input_example,
+                                            serialization_format="pt2")
         return info.model_uri
 
     def end(self, status: str = "FINISHED") -> None:

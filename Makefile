@@ -1,0 +1,23 @@
+# The two commands a newcomer needs (both do all set-up first, idempotently):
+#   make main   - BYOL pretraining on Fashion-MNIST on a local Ray cluster, MLflow logging, evaluation table
+#   make test   - the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: setup main test test-fast bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+main: setup
+	$(PY) -m byol_ray.train --config experiments/fmnist.yaml $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not ray" $(ARGS)
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,26 @@
+"""Shared fixtures: one torch thread (the 2 cores are shared) and the local Fashion-MNIST files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fmnist_root() -> str:
+    """The Fashion-MNIST IDX files (Debian's dataset-fashion-mnist); tests that need them skip without."""
+    if not (FMNIST_ROOT / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Fashion-MNIST not installed under {FMNIST_ROOT} (scripts/setup.sh installs it)")
+    return str(FMNIST_ROOT)

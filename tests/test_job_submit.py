@@ -1,0 +1,59 @@
+"""`ray job submit` against a real `ray start --head` cluster (dashboard on 127.0.0.1), with the run found
+afterwards in the MLflow store the job wrote to."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from test_ray_train import TINY
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    start = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"]
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_training_submitted_as_a_ray_job(head_node, tmp_path):
+    out = tmp_path / "out"
+    entry = ["python", "-m", "byol_ray.train", *TINY, "optim.epochs=2", f"run.output_dir={out}",
+             "run.name=job", "tracking.log_model=false"]
+    submit = [str(BIN / "ray"), "job", "submit", "--address", head_node, "--submission-id", "byol-job-test",
+              "--working-dir", str(REPO),
+              "--runtime-env-json", '{"excludes": [".venv", "outputs", ".git", "*.db"]}', "--", *entry]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", head_node, "byol-job-test"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert "SUCCEEDED" in status.stdout + status.stderr
+    assert "[driver] done" in proc.stdout
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["byol-ray"])
+    assert list(runs["status"]) == ["FINISHED"]
+    assert runs.iloc[0]["tags.byol_ray.run_name"] == "job"
+    assert runs.iloc[0]["metrics.eval/byol/linear_top1"] > 10
