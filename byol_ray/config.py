@@ -104,6 +104,9 @@ class ModelConfig:
     # pretraining either way, as in the authors' code, so this only matters for using the target later.
     target_bn: str = "ema"
     sync_batchnorm: bool = True  # only applied on GPUs: SyncBatchNorm raises on CPU tensors
+    # NHWC activations: oneDNN's CPU convolutions and cuDNN's tensor-core kernels are both faster on them
+    # (measured 1.4-1.5x for fwd+bwd of the default encoder on this repo's 2-core CPU). Same math in fp32.
+    channels_last: bool = True
 
 
 @dataclass
@@ -152,6 +155,9 @@ class RunConfig:
     keep_checkpoints: int = 2
     max_failures: int = 2
     storage_path: str = ""  # "" = <output_dir>/ray_results (absolute)
+    # The cluster adds nodes on demand (cluster.yaml): instead of failing fast when the worker group does
+    # not fit the nodes running now, ask the autoscaler for it.
+    autoscaling: bool = False
     log_every: int = 20  # steps between progress lines
     torch_threads: int = 0  # 0 = cpus_per_worker
 

@@ -59,6 +59,8 @@ class Pretrainer:
         # Same seed on every rank: identical initial weights even before DDP's broadcast.
         torch.manual_seed(cfg.run.seed)
         online = OnlineNetwork(cfg.model, in_channels).to(device)
+        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        online = online.to(memory_format=self.memory_format)
         if device.type == "cuda" and world_size > 1 and cfg.model.sync_batchnorm:
             online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
         if world_size > 1:
@@ -104,7 +106,7 @@ class Pretrainer:
         for i, (images, labels) in enumerate(micro_batches):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            v1, v2 = self.views(images, self.generator)
+            v1, v2 = (v.contiguous(memory_format=self.memory_format) for v in self.views(images, self.generator))
             # All-reduce gradients only on the last micro-batch of the step.
             sync = (i == n_micro - 1) or not isinstance(self.online, nn.parallel.DistributedDataParallel)
             ctx = contextlib.nullcontext() if sync else self.online.no_sync()

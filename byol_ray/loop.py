@@ -39,7 +39,10 @@ class Tracker(Protocol):
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    # Not print(): Ray Train patches print in workers to also go through logging, which shows each line
+    # twice on the driver once anything wraps sys.stdout.
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
 
 
 def pick_device(cfg: Config, local_rank: int = 0) -> torch.device:

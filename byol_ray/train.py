@@ -49,7 +49,7 @@ def check_resources(cfg: Config) -> None:
     import ray
 
     r = cfg.run
-    need_gpu = r.gpus_per_worker or (1.0 if r.device == "cuda" else 0.0)
+    need_gpu = worker_resources(cfg).get("GPU", 0.0)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     per_node = [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in nodes]
     # How many workers fit, node by node (a worker cannot span nodes).
@@ -68,6 +68,20 @@ def check_resources(cfg: Config) -> None:
             f"{fit} such worker(s). Lower run.num_workers / run.cpus_per_worker / run.gpus_per_worker, or "
             f"add nodes (for a local cluster: ray start --head --num-cpus N)."
         )
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if cfg.run.device == "cuda" or cfg.run.gpus_per_worker > 0:
+        resources["GPU"] = cfg.run.gpus_per_worker or 1.0
+    return resources
+
+
+def request_worker_group(cfg: Config) -> None:
+    """On an autoscaling cluster: ask for the whole worker group up front, so GPU nodes start now."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[worker_resources(cfg)] * cfg.run.num_workers)
 
 
 def preflight(cfg: Config) -> str:
@@ -105,7 +119,10 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
 
     uri = preflight(cfg)
     connect_ray(cfg)
-    check_resources(cfg)
+    if cfg.run.autoscaling:
+        request_worker_group(cfg)
+    else:
+        check_resources(cfg)
 
     tracker = None
     if cfg.tracking.enabled:
@@ -122,10 +139,7 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         tracker.log_artifact(out_dir / "config.json")
 
-    use_gpu = cfg.run.device == "cuda" or cfg.run.gpus_per_worker > 0
-    resources = {"CPU": cfg.run.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = cfg.run.gpus_per_worker or 1.0
+    resources = worker_resources(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -133,7 +147,7 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
             "mlflow_run_id": tracker.run_id if tracker else "",
             "tracking_uri": uri,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu="GPU" in resources,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
