@@ -34,10 +34,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from .session import RaySession
 
     cfg = Config.from_dict(loop_config["config"])
+    quiet_ray_train_reports()
     session = RaySession()
     run_id = loop_config.get("mlflow_run_id", "")
     tracker = Tracker(loop_config["tracking_uri"], run_id) if (run_id and session.rank == 0) else None
     pretrain(cfg, session, tracker, run_id)
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report (the whole metrics dict) and checkpoint at INFO in each worker; the loop
+    prints its own one-line progress, so keep Ray's to warnings. Internal logger names: best effort."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:
+        return
+    for name in (context.__file__, storage.__name__):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def storage_path(cfg: Config) -> str:

@@ -529,3 +529,25 @@ def test_topk_accuracy_hand_made():
     assert topk_accuracy(logits, labels, 2) == pytest.approx(75.0)
     assert topk_accuracy(logits, labels, 3) == pytest.approx(100.0)
     assert topk_accuracy(logits, labels, 5) == pytest.approx(100.0)  # k clamped to the class count
+
+
+def test_gradient_accumulation_takes_one_optimizer_and_one_ema_step():
+    """Two micro-batches make one step: the target moves once, tau*xi + (1-tau)*theta_after."""
+    from byol_ray.engine import Pretrainer
+
+    cfg = Config.from_dict({
+        "model": {"width": 8, "projector_hidden": 32, "predictor_hidden": 32, "projector_out": 16},
+        "optim": {"batch_size": 16, "accumulate_steps": 2, "tau_base": 0.9, "epochs": 10},
+    })
+    p = Pretrainer(cfg, 1, 10, (0.5,), (0.25,), torch.device("cpu"), steps_per_epoch=5)
+    p.start_epoch(0)
+    before = {k: v.clone() for k, v in p.target.state_dict().items()}
+    tau = p.tau()
+    images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (16,))
+    p.train_step([(images[:8], labels[:8]), (images[8:], labels[8:])])
+    assert p.step == 1
+    online = dict(p.online.branch.named_parameters())
+    for name, xi in p.target.named_parameters():
+        expected = tau * before[name].double() + (1 - tau) * online[name].detach().double()
+        torch.testing.assert_close(xi.double(), expected, rtol=1e-6, atol=1e-7)

@@ -7,6 +7,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -25,15 +28,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ray_env() -> dict[str, str]:
+    # Ray 2.60's head enables token authentication for the dashboard (token in ~/.ray/auth_token); the
+    # `ray job` client sends the token only in RAY_AUTH_MODE=token.
+    return {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+
+def wait_for_dashboard(address: str, timeout_s: float = 120) -> None:
+    """`ray start` returns before the dashboard's job API answers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=5).read()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers (401 without Ray's auth token, which the `ray job` CLI sends)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 @pytest.fixture
 def head_node(tmp_path):
     port, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = ray_env()
     start = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"]
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{dash}"
+        wait_for_dashboard(address)
+        yield address
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
@@ -45,12 +71,12 @@ def test_training_submitted_as_a_ray_job(head_node, tmp_path):
     submit = [str(BIN / "ray"), "job", "submit", "--address", head_node, "--submission-id", "byol-job-test",
               "--working-dir", str(REPO),
               "--runtime-env-json", '{"excludes": [".venv", "outputs", ".git", "*.db"]}', "--", *entry]
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = ray_env()
     proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", head_node, "byol-job-test"],
                             env=env, capture_output=True, text=True, timeout=60)
-    assert "SUCCEEDED" in status.stdout + status.stderr
+    assert "byol-job-test' succeeded" in (status.stdout + status.stderr).lower()  # status SUCCEEDED
     assert "[driver] done" in proc.stdout
     mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["byol-ray"])

@@ -4,6 +4,7 @@ failure on impossible resources, and the logged model loading back."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import mlflow
@@ -36,6 +37,14 @@ def ray_local():
 
 def tiny(tmp_path, *extra):
     return load_config(None, TINY + [f"run.output_dir={tmp_path}", *extra])
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_tracking_uri(monkeypatch):
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which the driver honours: keep tests apart.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def search(tmp_path, **kw):
@@ -79,7 +88,7 @@ def test_two_workers_stay_in_sync_and_log_to_mlflow(ray_local, tmp_path):
     x = torch.randn(4, 1, 28, 28)
     loaded = mlflow.pytorch.load_model(out["model_uri"])  # saved as torch.export's pt2 (no pickle)
     with torch.no_grad():
-        assert torch.equal(loaded.module()(x), online.encoder.eval()(x))
+        assert torch.equal(loaded(x), online.encoder.eval()(x))
     # Online and target weights are equal on both ranks; the target differs from the online network.
     assert not torch.equal(state["trainer"]["online"]["branch.encoder.conv1.weight"],
                            state["trainer"]["target"]["encoder.conv1.weight"])
