@@ -188,12 +188,12 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
 
 
 def eval_metrics(rows: list[EvalRow]) -> dict[str, Any]:
-    """Flat `eval/<encoder>/<metric>` numbers plus the rows as JSON (Ray metrics are flat values)."""
+    """Flat `eval/<key>/<metric>` numbers plus the rows as JSON (Ray metrics are flat values)."""
     import json
 
     out: dict[str, Any] = {"eval_rows": [json.dumps(r.__dict__) for r in rows]}
     for r in rows:
-        key = r.name.split(" ")[0].lower() if r.name.startswith("BYOL") else r.name.replace(" ", "_")
+        key = EVAL_KEYS.get(r.name, r.name.replace(" ", "_"))
         out[f"eval/{key}/linear_top1"] = r.linear_top1
         out[f"eval/{key}/linear_top5"] = r.linear_top5
         out[f"eval/{key}/knn_top1"] = r.knn_top1
@@ -263,6 +263,10 @@ def knn_monitor(cfg: Config, trainer: Pretrainer, train: ImageData, mean, std, d
     ftr = extract_features(trainer.encoder, train.images, size, mean, std, cfg.eval.batch_size, device)
     fte = extract_features(trainer.encoder, test.images, size, mean, std, cfg.eval.batch_size, device)
     return knn_accuracy(ftr, train.labels, fte, test.labels, cfg.eval.knn_k, cfg.eval.knn_temperature)
+
+
+# Table row name -> metric key in MLflow (eval/<key>/linear_top1 ...).
+EVAL_KEYS = {"BYOL (online encoder)": "byol", "untrained encoder": "untrained_encoder", "raw pixels": "raw_pixels"}
 
 
 def final_evaluation(cfg: Config, trainer: Pretrainer, train: ImageData, mean, std, device) -> list[EvalRow]:

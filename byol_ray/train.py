@@ -129,8 +129,6 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from .evaluate import EvalRow, rows_to_markdown, write_table
-
     uri = preflight(cfg)
     connect_ray(cfg)
     if cfg.run.autoscaling:
@@ -173,26 +171,32 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
     t0 = time.time()
     try:
         result = trainer.fit()
+        out = finish_run(cfg, tracker, result, time.time() - t0)
     except BaseException as e:
+        # Never leave the MLflow run RUNNING: a rerun of the same run.name resumes it.
         if tracker:
             tracker.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
             tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    wall = time.time() - t0
+    return out
+
+
+def finish_run(cfg: Config, tracker: Tracker | None, result, wall: float) -> dict[str, Any]:
+    """After fit: print and write the evaluation table, log it and the encoder, end the MLflow run."""
+    from .evaluate import EvalRow, rows_to_markdown, write_table
+
     metrics = dict(result.metrics or {})
-    rows = [EvalRow(**json.loads(r)) for r in metrics.get("eval_rows", [])] if "eval_rows" in metrics else []
+    rows = [EvalRow(**json.loads(r)) for r in metrics.get("eval_rows", [])]
     out: dict[str, Any] = {"metrics": metrics, "rows": rows, "wall_seconds": wall,
                            "checkpoint": result.checkpoint, "run_id": tracker.run_id if tracker else ""}
+    files = write_table(rows, cfg.output_dir / cfg.run.name) if rows else {}
     if rows:
-        out_dir = cfg.output_dir / cfg.run.name
-        files = write_table(rows, out_dir)
         print("\n" + rows_to_markdown(rows), flush=True)
         print(f"[driver] evaluation table written to {files['markdown']} and {files['csv']}", flush=True)
     if tracker:
         tracker.set_tags({"restarts": str(int(metrics.get("restarts", 0))), "wall_seconds": f"{wall:.0f}"})
-        if rows:
-            for f in write_table(rows, cfg.output_dir / cfg.run.name).values():
-                tracker.log_artifact(f)
+        for f in files.values():
+            tracker.log_artifact(f)
         if cfg.tracking.log_model and result.checkpoint is not None:
             out["model_uri"] = log_encoder(cfg, tracker, result.checkpoint)
         tracker.end("FINISHED")

@@ -23,13 +23,13 @@ from byol_ray.loop import pretrain
 from byol_ray.session import LocalSession
 from byol_ray.train import run_training
 
-BASE = ["data.train_subset=7680", "optim.epochs=3", "optim.warmup_epochs=0", "eval.final=false",
+BASE = ["data.train_subset=15360", "optim.epochs=3", "optim.warmup_epochs=0", "eval.final=false",
         "tracking.enabled=false", "run.log_every=1000"]
 
 
 def main(argv: list[str]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_ray_"))
-    cfg = load_config(None, BASE + [f"run.output_dir={tmp}", "run.cpus_per_worker=2"] + argv)
+    cfg = load_config("experiments/fmnist.yaml", BASE + [f"run.output_dir={tmp}", "run.cpus_per_worker=2"] + argv)
     local = LocalSession(tmp / "local")
     pretrain(cfg, local)
     a = local.reports[-1]["images_per_s"]

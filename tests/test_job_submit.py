@@ -83,3 +83,36 @@ def test_training_submitted_as_a_ray_job(head_node, tmp_path):
     assert list(runs["status"]) == ["FINISHED"]
     assert runs.iloc[0]["tags.byol_ray.run_name"] == "job"
     assert runs.iloc[0]["metrics.eval/byol/linear_top1"] > 10
+
+
+def test_rerunning_the_command_resumes_a_run_whose_driver_died(tmp_path):
+    """SIGKILL the driver (and the local Ray it started) after the first checkpoint, rerun the same
+    command: the run continues from its checkpoint, in the same MLflow run."""
+    import signal
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "byol_ray.train", *TINY, "optim.epochs=8", "run.num_workers=1",
+           f"run.output_dir={out}", "run.name=phoenix", "tracking.log_model=false"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((out / "ray_results" / "phoenix").glob("checkpoint_*/state.pt")):
+        assert first.poll() is None and time.monotonic() < deadline, "no checkpoint before the driver ended"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=60)
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert "[driver] resuming MLflow run" in log
+    assert "[resume] from epoch" in log
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["byol-ray"])
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    steps = sorted({m.step for m in client.get_metric_history(runs.iloc[0]["run_id"], "loss")})
+    assert steps == list(range(1, 9))
