@@ -1,8 +1,9 @@
 """Benchmark: the cost of Ray Train around the per-worker loop, and 2 workers x 1 CPU vs 1 worker x 2 CPUs.
 
-    .venv/bin/python experiments/bench_ray_overhead.py [section.key=value ...]
+    .venv/bin/python experiments/bench_ray_overhead.py [section.key=value ...]   # from the repo root
 
-Prints steady-state training images/s (the last epoch's, after a warm-up epoch) of
+The model and batch are the main job's (experiments/fmnist.yaml) on the first 15,360 training images,
+3 epochs, no evaluation and no MLflow. Prints steady-state training images/s (the last epoch's, after a warm-up epoch) of
   A. the loop run in-process (LocalSession),
   B. the same loop as 1 Ray Train worker with the same CPUs,
   C. 2 Ray Train workers x 1 CPU (DDP over gloo), against D. 1 worker x 2 CPUs (= B),
