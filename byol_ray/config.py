@@ -414,6 +414,8 @@ def validate(cfg: Config) -> None:
     _check(r.num_workers >= 1, "run.num_workers", f"must be >= 1, got {r.num_workers}")
     _check(r.cpus_per_worker > 0, "run.cpus_per_worker", "must be > 0")
     _check(r.gpus_per_worker >= 0, "run.gpus_per_worker", "must be >= 0")
+    _check(not (r.device == "cpu" and r.gpus_per_worker > 0), "run.gpus_per_worker",
+           f"{r.gpus_per_worker:g} GPUs per worker with run.device=cpu: set run.device=cuda (or auto), or 0 GPUs")
     _check(r.checkpoint_every >= 1, "run.checkpoint_every", "must be >= 1 epoch")
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
     _check(r.max_failures >= 0, "run.max_failures", "must be >= 0")

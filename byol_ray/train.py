@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
 from .data import DataError, check_data
 from .errors import UserError, run_cli
 from .tracking import TrackingError, Tracker, check_reachable, environment_tags, find_run_by_name, resolve_tracking_uri
@@ -101,9 +101,6 @@ def request_worker_group(cfg: Config) -> None:
 def preflight(cfg: Config) -> str:
     """Checks that need no Ray resources; returns the tracking URI."""
     check_data(cfg.data)
-    if cfg.run.device == "cuda" or cfg.run.gpus_per_worker > 0:
-        if cfg.run.device == "cpu":
-            raise ConfigError("run.gpus_per_worker > 0 with run.device=cpu: choose one")
     uri = resolve_tracking_uri(cfg)
     if cfg.tracking.enabled:
         check_reachable(uri)

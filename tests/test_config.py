@@ -187,6 +187,7 @@ ERRORS = [
     ("unknown-dataset", "override", ["data.dataset=mnist"], "data.dataset"),
     ("unknown-optimizer", "override", ["optim.optimizer=adam"], "optim.optimizer"),
     ("negative-epochs", "override", ["optim.epochs=-1"], "optim.epochs"),
+    ("gpus-on-cpu", "override", ["run.device=cpu", "run.gpus_per_worker=1"], "run.gpus_per_worker"),
     ("negative-epochs-dict", "dict", {"optim": {"epochs": -3}}, "optim.epochs"),
     ("unknown-top-yaml", "yaml", "optimizer:\n  epochs: 3\n", "optimizer"),
     ("unknown-nested-yaml", "yaml", "model:\n  depth: 3\n", "model.depth"),
