@@ -171,3 +171,61 @@ def write_table(rows: list[EvalRow], out_dir: Path) -> dict[str, Path]:
     md.write_text(rows_to_markdown(rows))
     pd.DataFrame([r.__dict__ for r in rows]).to_csv(csv, index=False)
     return {"markdown": md, "csv": csv}
+
+
+# ---- paper-shaped tables for the `eval` command -------------------------------------------------
+BASELINE_ROW = "untrained encoder"
+
+
+@dataclass
+class ResultTable:
+    """Method rows x metric columns, shaped like the paper's tables 1-3, with the untrained encoder's
+    number and the difference (main row minus baseline) beside every number of the main row.
+
+    `rows` maps a row name to {column: value in %}; a missing cell prints as "-". `reference` rows (the
+    paper's ImageNet numbers) are printed below, for the shape of the comparison only.
+    """
+
+    title: str
+    columns: list[str]
+    rows: dict[str, dict[str, float]]
+    main: str = "BYOL"
+    baseline: str = BASELINE_ROW
+    reference: dict[str, dict[str, float]] | None = None
+    notes: list[str] | None = None
+
+    def deltas(self) -> dict[str, float]:
+        m, b = self.rows.get(self.main, {}), self.rows.get(self.baseline, {})
+        return {c: m[c] - b[c] for c in self.columns if c in m and c in b}
+
+    def to_markdown(self) -> str:
+        cell = lambda row, c: f"{row[c]:.2f}" if c in row else "-"  # noqa: E731
+        lines = [f"**{self.title}**", "", "| method | " + " | ".join(self.columns) + " |",
+                 "|---|" + "---:|" * len(self.columns)]
+        for name, row in self.rows.items():
+            lines.append(f"| {name} | " + " | ".join(cell(row, c) for c in self.columns) + " |")
+        d = self.deltas()
+        if d:
+            lines.append(f"| {self.main} - {self.baseline} | "
+                         + " | ".join(f"{d[c]:+.2f}" if c in d else "-" for c in self.columns) + " |")
+        for name, row in (self.reference or {}).items():
+            lines.append(f"| *{name}* | " + " | ".join(cell(row, c) for c in self.columns) + " |")
+        if self.notes:
+            lines += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def write(self, out_dir: Path, stem: str) -> dict[str, Path]:
+        """<stem>.md (the table as printed) and <stem>.csv (one row per method, the delta row included)."""
+        import pandas as pd
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        md, csv = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
+        md.write_text(self.to_markdown())
+        records = [{"method": n, **r} for n, r in self.rows.items()]
+        if self.deltas():
+            records.append({"method": f"{self.main} - {self.baseline}", **self.deltas()})
+        pd.DataFrame(records, columns=["method", *self.columns]).to_csv(csv, index=False)
+        return {"markdown": md, "csv": csv}
