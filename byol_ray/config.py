@@ -34,6 +34,7 @@ DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder")
 OPTIMIZERS = ("lars", "sgd", "adamw")
 TAU_SCHEDULES = ("cosine", "constant")
 TARGET_BN_MODES = ("ema", "copy")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -77,6 +78,10 @@ class DataConfig:
     train_subset: int = 0  # 0 = the whole train split; N = the first N images (tests, quick runs)
     test_subset: int = 0
     num_workers: int = 0  # DataLoader decode workers, only for datasets streamed from files (folder)
+    # folder only: stream the train split from its files (byol_ray.pipeline) instead of decoding it all
+    # into memory first; for datasets that do not fit in memory (ImageNet).
+    stream: bool = False
+    prefetch_batches: int = 4  # batches each DataLoader worker decodes ahead (data.stream)
 
 
 @dataclass
@@ -139,6 +144,10 @@ class EvalConfig:
     final: bool = True  # evaluate at the end of pretraining (off for benchmarks)
     baselines: bool = True  # also score raw pixels and an untrained encoder
     batch_size: int = 512
+    # Collapse monitor: when an epoch's mean representation std (engine.representation_std: ~1 spread out,
+    # 0 for a constant output) falls below this, the run stops early, is evaluated and marked collapsed
+    # instead of spending its remaining epochs on a dead representation. 0 turns it off.
+    collapse_std: float = 0.1
 
 
 @dataclass
@@ -160,6 +169,10 @@ class RunConfig:
     autoscaling: bool = False
     log_every: int = 20  # steps between progress lines
     torch_threads: int = 0  # 0 = cpus_per_worker
+    # GPU only: "bf16" runs the forward passes under bf16 autocast (weights, optimiser and EMA stay fp32).
+    # The default fp32 leaves CPU results bit for bit as they were.
+    precision: str = "fp32"
+    compile: bool = False  # torch.compile the online network (worth it on GPUs for long runs)
 
 
 @dataclass
@@ -362,6 +375,12 @@ def validate(cfg: Config) -> None:
     _check(d.train_subset >= 0, "data.train_subset", "must be >= 0 (0 = all)")
     _check(d.test_subset >= 0, "data.test_subset", "must be >= 0 (0 = all)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(not d.stream or d.dataset == "folder", "data.stream",
+           f"only data.dataset=folder is streamed from files; {d.dataset} is read into memory (set data.stream=false)")
+    _check(d.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
+    _check(not d.stream or (not cfg.eval.final and cfg.eval.knn_every == 0), "data.stream",
+           "the frozen-feature evaluation holds the whole train split in memory and is not streamed: with "
+           "data.stream=true set eval.final=false and eval.knn_every=0, and evaluate the checkpoint afterwards")
 
     m = cfg.model
     _choice(m.backbone, BACKBONES, "model.backbone")
@@ -407,6 +426,7 @@ def validate(cfg: Config) -> None:
     _check(e.knn_every >= 0, "eval.knn_every", "must be >= 0")
     _check(e.linear_epochs >= 1, "eval.linear_epochs", "must be >= 1")
     _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _check(0 <= e.collapse_std < 1, "eval.collapse_std", f"must be in [0, 1) (0 = off), got {e.collapse_std}")
 
     r = cfg.run
     _check(bool(r.name) and "/" not in r.name, "run.name", "must be a non-empty name without '/'")
@@ -421,6 +441,9 @@ def validate(cfg: Config) -> None:
     _check(r.max_failures >= 0, "run.max_failures", "must be >= 0")
     _check(r.log_every >= 1, "run.log_every", "must be >= 1")
     _check(r.torch_threads >= 0, "run.torch_threads", "must be >= 0")
+    _choice(r.precision, PRECISIONS, "run.precision")
+    _check(r.precision == "fp32" or r.device == "cuda", "run.precision",
+           f"{r.precision} autocast is for GPUs only: set run.device=cuda, or run.precision=fp32 on CPUs")
 
 
 # ---- loading ------------------------------------------------------------------------------------

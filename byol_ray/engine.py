@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import TwoViews
-from .config import Config
+from .config import Config, ConfigError
 from .ema import EMA, tau_at
 from .loss import byol_loss
 from .model import OnlineNetwork, make_target, two_view_forward, unwrap
@@ -70,6 +70,15 @@ class Pretrainer:
         self.online = online
         # The target starts as a copy of the (DDP-broadcast) online weights.
         self.target = make_target(unwrap(online)).to(device)
+        if cfg.run.precision != "fp32" and device.type != "cuda":
+            raise ConfigError(f"run.precision: {cfg.run.precision} autocast is for GPUs only, this worker runs on "
+                              f"{device}; set run.precision=fp32")
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.run.precision]
+        if cfg.run.compile:
+            # In place (nn.Module.compile): parameter names, state dicts, DDP and the EMA's tensor lists
+            # are those of the uncompiled modules.
+            unwrap(online).compile()
+            self.target.compile()
         self.ema = EMA(unwrap(online).branch, self.target, cfg.model.target_bn)
         # Every float buffer of the online network (encoder, projector and predictor BatchNorm).
         self._online_fbufs = [b for b in unwrap(online).buffers() if b.is_floating_point()]
@@ -111,10 +120,7 @@ class Pretrainer:
             sync = (i == n_micro - 1) or not isinstance(self.online, nn.parallel.DistributedDataParallel)
             ctx = contextlib.nullcontext() if sync else self.online.no_sync()
             with ctx:
-                y1, _, z1, _, q1, q2 = self.online(v1, v2)
-                with torch.no_grad():
-                    _, _, t1, t2 = two_view_forward(self.target, v1, v2, self.cfg.model.separate_view_forward)
-                loss = byol_loss(q1, q2, t1, t2)
+                y1, z1, loss = self.forward_loss(v1, v2)
                 (loss / n_micro).backward()
             total_loss += loss.item() / n_micro
             repr_std += representation_std(z1) / n_micro
@@ -131,6 +137,23 @@ class Pretrainer:
         self.ema.update(tau)
         self.step += 1
         return StepStats(total_loss, probe_loss_sum, probe_correct, probe_count, repr_std)
+
+    def autocast(self):
+        """bf16 autocast for the forward passes on GPUs (run.precision); nothing at all in fp32."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def forward_loss(self, v1: torch.Tensor, v2: torch.Tensor):
+        """Online network on both views, target network on both views (no grad), the BYOL loss.
+        Returns (representation of view 1, projection of view 1, loss); the loss is computed in fp32."""
+        with self.autocast():
+            y1, _, z1, _, q1, q2 = self.online(v1, v2)
+            with torch.no_grad():
+                _, _, t1, t2 = two_view_forward(self.target, v1, v2, self.cfg.model.separate_view_forward)
+        # .float() returns the tensor itself in fp32, so the fp32 path is unchanged.
+        loss = byol_loss(q1.float(), q2.float(), t1.float(), t2.float())
+        return y1.float(), z1, loss
 
     def _probe_backward(self, feats: torch.Tensor, labels: torch.Tensor, n_micro: int):
         keep = labels >= 0

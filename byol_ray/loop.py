@@ -88,13 +88,26 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
     if device.type == "cpu":
         torch.set_num_threads(threads)
 
-    train = load_split(cfg.data, "train")
-    mean, std = channel_stats(train.images)
-    spe = steps_per_epoch(cfg, len(train.images))
+    stream = None
+    if cfg.data.stream:  # too big for memory: decode and crop in DataLoader workers (pipeline.py)
+        from .pipeline import FolderStream
+
+        train = stream = FolderStream(cfg, "train", device)
+        mean, std = stream.mean, stream.std
+    else:
+        train = load_split(cfg.data, "train")
+        mean, std = channel_stats(train.images)
+    spe = steps_per_epoch(cfg, len(train))
     n_classes = len(train.classes)
     trainer = Pretrainer(cfg, train.channels, n_classes, mean, std, device, spe, rank, world)
-    # The permutation is drawn each epoch from the whole train split; keep it in memory as one tensor.
-    images, labels = train.images, train.labels
+    if stream is not None:
+        trainer.views = stream.device_views(trainer.views)
+    else:
+        # The permutation is drawn each epoch from the whole train split; keep it in memory as one tensor
+        # (on the GPU when it fits easily: batches are then cut there, with no host copy per step).
+        images, labels = train.images, train.labels
+        if device.type == "cuda" and images.numel() <= torch.cuda.get_device_properties(device).total_memory // 8:
+            images, labels = images.to(device), labels.to(device)
 
     start_epoch, restarts = 0, 0
     state = session.latest_state()
@@ -105,11 +118,13 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
         start_epoch = int(state["epoch"])
         restarts = int(state.get("restarts", 0)) + 1
         run_id = run_id or state.get("mlflow_run_id", "")
+        if state.get("collapsed"):
+            start_epoch = cfg.optim.epochs  # it stopped for good: nothing left to train
         if rank == 0:
             log(f"[resume] from epoch {start_epoch} (step {trainer.step}), restart #{restarts}")
 
     if rank == 0:
-        log(f"[train] {len(images)} images, {spe} steps/epoch x {cfg.optim.epochs} epochs, global batch "
+        log(f"[train] {len(train)} images, {spe} steps/epoch x {cfg.optim.epochs} epochs, global batch "
             f"{cfg.optim.batch_size} on {world} worker(s), device {device}, encoder {cfg.model.backbone} "
             f"(stem {cfg.model.stem}, width {cfg.model.width}, dim {trainer.encoder.out_dim})")
     per_step_images = cfg.optim.batch_size
@@ -118,11 +133,13 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
     for epoch in range(start_epoch, cfg.optim.epochs):
         trainer.start_epoch(epoch)
         t0 = time.perf_counter()
-        perm = epoch_permutation(cfg, len(images), epoch)
+        perm = epoch_permutation(cfg, len(train), epoch)
+        plan = [worker_batches(cfg, perm, s, rank, world) for s in range(spe)]
+        streamed = stream.micro_batches(epoch, plan) if stream is not None else None
         sums = torch.zeros(5, dtype=torch.float64)  # loss, probe_loss, probe_correct, probe_count, repr_std
         for s in range(spe):
             _maybe_crash(cfg, rank, trainer.step)
-            micro = [(images[i], labels[i]) for i in worker_batches(cfg, perm, s, rank, world)]
+            micro = next(streamed) if streamed is not None else [(images[i], labels[i]) for i in plan[s]]
             st = trainer.train_step(micro)
             sums += torch.tensor([st.loss, st.probe_loss, st.probe_correct, st.probe_count, st.repr_std],
                                  dtype=torch.float64)
@@ -151,7 +168,10 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
             with torch.no_grad():
                 next(trainer.target.parameters()).add_(1e-3)
         metrics.update(check_replicas(trainer, rank, world))
-        last = epoch + 1 == cfg.optim.epochs
+        # repr_std is all-reduced above, so every rank takes the same decision.
+        collapsed = bool(cfg.eval.collapse_std) and metrics["repr_std"] < cfg.eval.collapse_std
+        metrics["collapsed"] = float(collapsed)
+        last = epoch + 1 == cfg.optim.epochs or collapsed
         # The final evaluation scores kNN anyway; its number is logged as the last epoch's knn_acc.
         knn_due = cfg.eval.knn_every and (epoch + 1) % cfg.eval.knn_every == 0 and not (last and cfg.eval.final)
         if knn_due and rank == 0:
@@ -179,10 +199,16 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
                 "rng": {"torch": torch.get_rng_state()},
                 "restarts": restarts,
                 "mlflow_run_id": run_id,
+                "collapsed": collapsed,
             }
         session.report(metrics, state_out)
         last_metrics = metrics
         result_rows = rows
+        if collapsed:
+            if rank == 0:
+                log(f"[collapse] representation std {metrics['repr_std']:.4f} < eval.collapse_std="
+                    f"{cfg.eval.collapse_std:g} after epoch {epoch + 1}: stopped early and marked collapsed")
+            break
 
     return {"train": last_metrics, "trainer": trainer, "eval_rows": result_rows}
 

@@ -166,8 +166,8 @@ def test_fused_ema_equals_the_python_loop():
     ref = copy.deepcopy(target)
     EMA(online, target, "ema").update(0.93)
     ema_loop_(ref, online, 0.93)
-    for (n, a), (_, b) in zip(target.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=n)
+    for (n, a), (_, b) in zip(target.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=2.5e-7, atol=1e-7, msg=n)  # within 2 float32 ulps
 
 
 def test_ema_tau_extremes():
