@@ -40,6 +40,13 @@ def load_state(directory: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest `checkpoint_*` folder holding a state file in a Ray Train run folder (Ray names them
+    by timestamp, so name order is time order), or None."""
+    found = sorted(p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file())
+    return found[-1] if found else None
+
+
 def check_compatible(state: dict[str, Any], cfg: Config) -> None:
     """Raise ConfigError when the checkpoint was made with a config that cannot be resumed under `cfg`."""
     saved = Config.from_dict(state["config"]).flat()

@@ -4,23 +4,61 @@ Every MLflow call of the project goes through here, with the tracking URI passed
 not inherit ``mlflow.set_tracking_uri``), and only one process writes to a run at a time: the driver
 creates the run and logs params/tags, rank 0 of the workers logs per-epoch metrics while the driver
 waits, and the driver logs the model and artifacts at the end.
+
+A tracking server can go away in the middle of a run. The workers' writer (`Tracker(..., spool=path)`)
+then does not hold training up: each call tries once with a short timeout, queues what failed, retries
+the queue on the next call, and keeps the queue in a JSON-lines file (`undelivered_metrics.jsonl` in the
+run's output folder) so that nothing is lost even if the worker dies. At the end the driver delivers
+that file if the server is back, or reports where it is (`deliver_undelivered`).
+
+Nothing secret reaches MLflow or the logs through here: a password in a URI is masked (`redact`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import platform
+import re
 import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import Config
 
 RUN_NAME_TAG = "byol_ray.run_name"
 
 
+UNDELIVERED_FILE = "undelivered_metrics.jsonl"
+# The workers' calls: one try, 10 s at most, instead of MLflow's default of 7 retries with exponential
+# back-off and a 120 s timeout, which would stall training for minutes while a server is down.
+_SHORT_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+
+
 class TrackingError(RuntimeError):
     pass
+
+
+_URI_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+
+
+def redact(value: Any) -> Any:
+    """Mask the password of any `scheme://user:password@host` in a string (a tracking URI, a database
+    URI); other values unchanged. Applied to everything logged as params or written as config."""
+    if isinstance(value, str):
+        return _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+def _without_userinfo(uri: str) -> str:
+    return re.sub(r"://[^/@]*@", "://", uri, count=1)
 
 
 def resolve_tracking_uri(cfg: Config) -> str:
@@ -43,10 +81,10 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         import urllib.request
 
         try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).read()
-        except (urllib.error.URLError, OSError) as e:
+            urllib.request.urlopen(_without_userinfo(uri).rstrip("/") + "/health", timeout=timeout_s).read()
+        except (urllib.error.URLError, OSError, ValueError) as e:
             raise TrackingError(
-                f"the MLflow tracking server {uri} is unreachable ({e}). Start it (byol-ray mlflow-server, "
+                f"the MLflow tracking server {redact(uri)} is unreachable ({e}). Start it (byol-ray mlflow-server, "
                 f"or mlflow server ...), fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or set "
                 f"tracking.enabled=false."
             ) from None
@@ -88,13 +126,63 @@ def environment_tags(world_size: int) -> dict[str, str]:
     }
 
 
-class Tracker:
-    """Writes to one MLflow run, addressed by id; safe to construct in any process."""
+def delivery_errors() -> tuple[type[BaseException], ...]:
+    """What a call to an unreachable or failing tracking server (or a locked SQLite file) raises."""
+    import requests
+    from mlflow.exceptions import MlflowException
 
-    def __init__(self, uri: str, run_id: str):
+    return (MlflowException, requests.exceptions.RequestException, OSError)
+
+
+@contextlib.contextmanager
+def _short_http() -> Iterator[None]:
+    # MLflow reads these on every request; set only around our own calls.
+    saved = {k: os.environ.get(k) for k in _SHORT_HTTP}
+    os.environ.update(_SHORT_HTTP)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _read_spool(path: Path | None) -> list[dict[str, Any]]:
+    if path is None or not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))  # a line torn by a crash mid-write is skipped, not fatal
+    return out
+
+
+def _write_spool(path: Path, pending: list[dict[str, Any]]) -> None:
+    if not pending:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in pending))
+    os.replace(tmp, path)  # atomic: a crash never leaves half a queue
+
+
+class Tracker:
+    """Writes to one MLflow run, addressed by id; safe to construct in any process.
+
+    With `spool` (the workers' writer), metrics survive a tracking-server outage: see the module doc.
+    """
+
+    def __init__(self, uri: str, run_id: str, spool: str | os.PathLike | None = None):
         self.uri = uri
         self.run_id = run_id
         self.client = _client(uri)
+        self.spool = Path(spool) if spool else None
+        # Metrics a previous worker of this run could not deliver (it died, or the server was down).
+        self.pending: list[dict[str, Any]] = _read_spool(self.spool)
+        self._warned = False
 
     @classmethod
     def start(cls, cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "",
@@ -115,7 +203,7 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, str(redact(v))[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow's batch limit is 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -124,7 +212,41 @@ class Tracker:
         import time
 
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        if self.spool is None:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+            return
+        self.pending += [{"run_id": self.run_id, "key": k, "value": float(v), "timestamp": ts, "step": step}
+                         for k, v in metrics.items()]
+        self.flush()
+
+    def flush(self) -> int:
+        """Send the queued metrics (one short try); returns how many are still undelivered."""
+        try:
+            with _short_http():
+                self._send_pending()
+            if self._warned:
+                print(f"[mlflow] {redact(self.uri)} is reachable again; queued metrics delivered", flush=True)
+                self._warned = False
+        except delivery_errors() as e:
+            if not self._warned:
+                print(f"[mlflow] cannot reach {redact(self.uri)} ({type(e).__name__}); training goes on, metrics "
+                      f"are queued, retried every epoch and kept in {self.spool}", file=sys.stderr, flush=True)
+                self._warned = True
+        if self.spool is not None:
+            _write_spool(self.spool, self.pending)
+        return len(self.pending)
+
+    def _send_pending(self) -> None:
+        """The queue, run by run, in MLflow-sized batches; each batch leaves the queue once it is sent."""
+        from mlflow.entities import Metric
+
+        while self.pending:
+            run_id = self.pending[0]["run_id"]
+            batch = [m for m in self.pending if m["run_id"] == run_id][:_METRICS_PER_BATCH]
+            self.client.log_batch(run_id, metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"])
+                                                   for m in batch])
+            sent = {id(m) for m in batch}
+            self.pending = [m for m in self.pending if id(m) not in sent]
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
@@ -164,3 +286,27 @@ def find_run_by_name(cfg: Config, unfinished_only: bool = False) -> str:
     if not runs or (unfinished_only and runs[0].info.status == "FINISHED"):
         return ""
     return runs[0].info.run_id
+
+
+def undelivered_path(cfg: Config) -> Path:
+    return cfg.output_dir / cfg.run.name / UNDELIVERED_FILE
+
+
+def deliver_undelivered(tracker: Tracker, path: str | os.PathLike) -> str:
+    """Driver, end of run: send what the workers could not (with MLflow's usual patience); returns a
+    one-line report, '' when there was nothing to deliver. What still fails stays in the file."""
+    late = Tracker(tracker.uri, tracker.run_id, spool=path)
+    if not late.pending:
+        return ""
+    n = len(late.pending)
+    # The driver's own client retries for minutes: a server restarting at the end still gets them.
+    late.client = tracker.client
+    try:
+        late._send_pending()
+    except delivery_errors() as e:
+        _write_spool(Path(path), late.pending)
+        return (f"[mlflow] {len(late.pending)} of {n} metric values could not be sent to {redact(tracker.uri)} "
+                f"({type(e).__name__}); they are in {path}, one JSON object per line (run_id, key, value, "
+                f"timestamp, step), ready for MlflowClient.log_batch once the server is back.")
+    _write_spool(Path(path), [])
+    return f"[mlflow] delivered {n} metric values that the workers had queued while {redact(tracker.uri)} was down"

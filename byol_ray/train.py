@@ -20,7 +20,8 @@ from typing import Any
 from .config import Config, load_config
 from .data import DataError, check_data
 from .errors import UserError, run_cli
-from .tracking import TrackingError, Tracker, check_reachable, environment_tags, find_run_by_name, resolve_tracking_uri
+from .tracking import (TrackingError, Tracker, check_reachable, deliver_undelivered, delivery_errors, environment_tags,
+                       find_run_by_name, redact, resolve_tracking_uri, undelivered_path)
 
 
 class ResourceError(UserError):
@@ -30,15 +31,22 @@ class ResourceError(UserError):
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What each Ray Train worker runs: the plain per-worker loop with a Ray session and, on rank 0,
     the MLflow writer for per-epoch metrics."""
-    from .loop import pretrain
+    import ray
+
+    from .loop import log, pretrain
     from .session import RaySession
 
     cfg = Config.from_dict(loop_config["config"])
     quiet_ray_train_reports()
     session = RaySession()
+    log(f"[worker] rank {session.rank} of {session.world_size} on node {ray.get_runtime_context().get_node_id()}")
     run_id = loop_config.get("mlflow_run_id", "")
-    tracker = Tracker(loop_config["tracking_uri"], run_id) if (run_id and session.rank == 0) else None
+    # The spool keeps metrics the tracking server could not take (an outage); the driver delivers it at the end.
+    tracker = (Tracker(loop_config["tracking_uri"], run_id, spool=loop_config.get("undelivered_path") or None)
+               if (run_id and session.rank == 0) else None)
     pretrain(cfg, session, tracker, run_id)
+    if tracker is not None:
+        tracker.flush()
 
 
 def quiet_ray_train_reports() -> None:
@@ -58,23 +66,37 @@ def storage_path(cfg: Config) -> str:
     return cfg.run.storage_path or str(cfg.output_dir / "ray_results")
 
 
-def check_resources(cfg: Config) -> None:
-    """Fail in seconds when the cluster can never hold the worker group (Ray would wait forever)."""
+def _node_capacities(cfg: Config) -> list[tuple[float, float, int]]:
+    """(CPUs, GPUs, workers that fit) for each live node; a worker cannot span nodes."""
     import ray
 
     r = cfg.run
     need_gpu = worker_resources(cfg).get("GPU", 0.0)
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    per_node = [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in nodes]
-    # How many workers fit, node by node (a worker cannot span nodes).
-    fit = 0
-    for cpu, gpu in per_node:
+    out = []
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        cpu, gpu = n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)
         by_cpu = int(cpu // r.cpus_per_worker + 1e-9)
         by_gpu = int(gpu // need_gpu + 1e-9) if need_gpu else by_cpu
-        fit += min(by_cpu, by_gpu)
+        out.append((cpu, gpu, min(by_cpu, by_gpu)))
+    return out
+
+
+def worker_capacity(cfg: Config) -> int:
+    """How many of this config's workers the cluster holds at once."""
+    return sum(fit for _, _, fit in _node_capacities(cfg))
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail in seconds when the cluster can never hold the worker group (Ray would wait forever)."""
+    r = cfg.run
+    need_gpu = worker_resources(cfg).get("GPU", 0.0)
+    nodes = _node_capacities(cfg)
+    fit = sum(f for _, _, f in nodes)
     if fit < r.num_workers:
-        total_cpu = sum(c for c, _ in per_node)
-        total_gpu = sum(g for _, g in per_node)
+        total_cpu = sum(c for c, _, _ in nodes)
+        total_gpu = sum(g for _, g, _ in nodes)
         raise ResourceError(
             f"the Ray cluster cannot hold {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU"
             + (f" + {need_gpu:g} GPU" if need_gpu else "")
@@ -101,10 +123,50 @@ def request_worker_group(cfg: Config) -> None:
 def preflight(cfg: Config) -> str:
     """Checks that need no Ray resources; returns the tracking URI."""
     check_data(cfg.data)
+    check_resume(cfg)
+    check_ray_address(cfg.run.address)
     uri = resolve_tracking_uri(cfg)
     if cfg.tracking.enabled:
         check_reachable(uri)
     return uri
+
+
+def check_resume(cfg: Config) -> None:
+    """A rerun of a run.name resumes its latest checkpoint: refuse one made with an incompatible config
+    now, rather than in the workers once Ray has started (they check again: remote storage is not read here)."""
+    from .checkpoint import check_compatible, latest_checkpoint, load_state
+
+    if "://" in storage_path(cfg):
+        return
+    latest = latest_checkpoint(Path(storage_path(cfg)) / cfg.run.name)
+    if latest is None:
+        return
+    try:
+        state = load_state(latest)
+    except Exception as e:  # a torn or foreign file: torch raises several types
+        raise UserError(
+            f"the latest checkpoint of run {cfg.run.name!r}, {latest}, cannot be read ({type(e).__name__}: "
+            f"{str(e)[:200]}). Delete that folder to resume from the one before, or use a new run.name."
+        ) from None
+    check_compatible(state, cfg)
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when `run.address` does not answer: ray.init retries an unreachable address for
+    many minutes. ("auto", "local" and "" need no check: they find or start a cluster.)"""
+    import socket
+
+    if address in ("", "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rstrip("/").rpartition(":")
+    fix = ("Start the cluster (`ray start --head`), fix run.address (host:port of the head, 6379 by default; "
+           "ray://host:10001 for Ray Client), or leave run.address empty to start a local Ray.")
+    if not host or not port.isdigit():
+        raise UserError(f"run.address={address!r} is not host:port. {fix}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UserError(f"the Ray cluster at run.address={address!r} does not answer ({e}). {fix}") from None
 
 
 def connect_ray(cfg: Config) -> None:
@@ -121,8 +183,13 @@ def connect_ray(cfg: Config) -> None:
         ) from None
 
 
-def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "") -> dict[str, Any]:
-    """Driver: preflight, MLflow run, TorchTrainer.fit, model and evaluation table logged at the end."""
+def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "",
+                 callbacks: list | None = None) -> dict[str, Any]:
+    """Driver: preflight, MLflow run, TorchTrainer.fit, model and evaluation table logged at the end.
+
+    `callbacks` go to Ray Train's RunConfig (a sweep passes Tune's TuneReportCallback); `parent_run_id`
+    makes the MLflow run a child (a sweep trial, under the sweep's run).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -138,14 +205,15 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
         existing = find_run_by_name(cfg, unfinished_only=True)
         if existing:
             tracker = Tracker(uri, existing)
+            tracker.client.update_run(existing, status="RUNNING")  # it may have been ended KILLED/FAILED
             print(f"[driver] resuming MLflow run {existing} of run.name={cfg.run.name}", flush=True)
         else:
             tracker = Tracker.start(cfg, tags={**environment_tags(cfg.run.num_workers), **(tags or {})},
                                     parent_run_id=parent_run_id)
-            print(f"[driver] MLflow run {tracker.run_id} at {uri}", flush=True)
+            print(f"[driver] MLflow run {tracker.run_id} at {redact(uri)}", flush=True)
         out_dir = cfg.output_dir / cfg.run.name
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (out_dir / "config.json").write_text(json.dumps(redact(cfg.to_dict()), indent=2))
         tracker.log_artifact(out_dir / "config.json")
 
     resources = worker_resources(cfg)
@@ -155,6 +223,7 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
             "config": cfg.to_dict(),
             "mlflow_run_id": tracker.run_id if tracker else "",
             "tracking_uri": uri,
+            "undelivered_path": str(undelivered_path(cfg)),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu="GPU" in resources,
                                                resources_per_worker=resources),
@@ -163,6 +232,7 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
             storage_path=storage_path(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks or None,
         ),
     )
     t0 = time.time()
@@ -171,9 +241,13 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
         out = finish_run(cfg, tracker, result, time.time() - t0)
     except BaseException as e:
         # Never leave the MLflow run RUNNING: a rerun of the same run.name resumes it.
+        # Best effort: the error being raised matters more than one the tracking server adds.
         if tracker:
-            tracker.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
-            tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            try:
+                tracker.set_tags({"error": redact(f"{type(e).__name__}: {e}")[:5000]})
+                tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            except delivery_errors() as te:
+                print(f"[driver] could not mark the MLflow run failed: {redact(str(te))[:300]}", file=sys.stderr)
         raise
     return out
 
@@ -191,7 +265,11 @@ def finish_run(cfg: Config, tracker: Tracker | None, result, wall: float) -> dic
         print("\n" + rows_to_markdown(rows), flush=True)
         print(f"[driver] evaluation table written to {files['markdown']} and {files['csv']}", flush=True)
     if tracker:
-        tracker.set_tags({"restarts": str(int(metrics.get("restarts", 0))), "wall_seconds": f"{wall:.0f}"})
+        late = deliver_undelivered(tracker, undelivered_path(cfg))
+        if late:
+            print(late, flush=True)
+        tracker.set_tags({"restarts": str(int(metrics.get("restarts", 0))), "wall_seconds": f"{wall:.0f}",
+                          "collapsed": str(bool(metrics.get("collapsed", 0))).lower()})
         for f in files.values():
             tracker.log_artifact(f)
         if cfg.tracking.log_model and result.checkpoint is not None:

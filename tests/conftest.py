@@ -24,3 +24,15 @@ def fmnist_root() -> str:
     if not (FMNIST_ROOT / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"Fashion-MNIST not installed under {FMNIST_ROOT} (scripts/setup.sh installs it)")
     return str(FMNIST_ROOT)
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_tracking_uri():
+    """`mlflow.set_tracking_uri` (which tests call to read a store back) exports MLFLOW_TRACKING_URI, which
+    the driver honours and `ray start` hands on to every job: without this, a test would write to the
+    store of whichever test ran before it."""
+    import os
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)

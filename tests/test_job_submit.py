@@ -31,7 +31,9 @@ def free_port() -> int:
 def ray_env() -> dict[str, str]:
     # Ray 2.60's head enables token authentication for the dashboard (token in ~/.ray/auth_token); the
     # `ray job` client sends the token only in RAY_AUTH_MODE=token.
-    return {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # jobs inherit the head node's environment
+    return env
 
 
 def wait_for_dashboard(address: str, timeout_s: float = 120) -> None:

@@ -1,0 +1,161 @@
+"""Bad input wherever a user types something, through the real `byol-ray` CLI in a subprocess: each case
+ends with exit code 2 and one paragraph naming the problem and the fix, no Python traceback (unless
+--debug), no Ray session started (except where finding the problem needs the cluster: then no worker is
+requested), and no MLflow run left RUNNING."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from byol_ray.checkpoint import save_state
+from byol_ray.config import load_config
+from test_multinode import kill_cluster, cluster_pids
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]  # after `byol-ray`; {tmp} is the case's folder
+    phrases: list[str]  # the problem and the fix, as the message must name them
+    setup: Callable[[Path], None] | None = None
+    train_defaults: bool = True  # append output dir and tracking store overrides to `train`
+    starts_ray: bool = False  # finding the problem needs the cluster (its resources)
+    extra: list[str] = field(default_factory=list)
+
+
+def write(name: str, text: str) -> Callable[[Path], None]:
+    return lambda tmp: (tmp / name).write_text(text)
+
+
+def corrupt_fmnist(tmp: Path) -> None:
+    """A copy of Fashion-MNIST whose train images file is cut short (an interrupted download)."""
+    d = tmp / "fmnist"
+    d.mkdir()
+    for f in FMNIST.iterdir():
+        shutil.copy(f, d / f.name)
+    raw = gzip.decompress((FMNIST / "train-images-idx3-ubyte.gz").read_bytes())
+    (d / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[: len(raw) // 3]))
+
+
+def checkpoint_of_other_config(tmp: Path) -> None:
+    """A run `old` whose checkpoint was made with model.width=8; the case resumes it with width 16."""
+    other = load_config(None, ["model.width=8", "run.name=old", f"run.output_dir={tmp / 'out'}"])
+    save_state(tmp / "out" / "ray_results" / "old" / "checkpoint_2026-01-01_00-00-00.000000",
+               {"config": other.to_dict(), "epoch": 1})
+
+
+CASES = [
+    Case("negative-epochs", ["train", "optim.epochs=-1"], ["optim.epochs", "must be >= 0"]),
+    Case("int-not-a-number", ["train", "optim.batch_size=abc"], ["optim.batch_size", "expected an integer"]),
+    Case("bool-not-a-bool", ["train", "tracking.enabled=maybe"], ["tracking.enabled", "expected true or false"]),
+    Case("nan-learning-rate", ["train", "optim.base_lr=nan"], ["optim.base_lr", "finite number"]),
+    Case("probability-out-of-range", ["train", "augment.view1.blur_prob=1.5"], ["blur_prob", "[0, 1]"]),
+    Case("unknown-key", ["train", "optim.epoch=3"], ["unknown config key optim.epoch"]),
+    Case("unknown-section", ["train", "bogus.key=1"], ["unknown config key bogus"]),
+    Case("unknown-choice", ["train", "model.backbone=resnet9"], ["model.backbone", "choose one of", "resnet18"]),
+    Case("override-without-equals", ["train", "optim.epochs"], ["section.key=value"]),
+    Case("batch-not-divisible", ["train", "optim.batch_size=30", "run.num_workers=4"],
+         ["optim.batch_size", "divide evenly"]),
+    Case("missing-config-file", ["train", "--config", "{tmp}/nope.yaml"], ["does not exist", "experiments/fmnist.yaml"]),
+    Case("config-not-yaml", ["train", "--config", "{tmp}/bad.yaml"], ["not valid YAML"], write("bad.yaml", "optim: [1,\n")),
+    Case("config-not-a-mapping", ["train", "--config", "{tmp}/list.yaml"], ["must hold a mapping"],
+         write("list.yaml", "- optim\n- model\n")),
+    Case("unknown-key-in-file", ["train", "--config", "{tmp}/k.yaml"], ["unknown config key optim.epoch"],
+         write("k.yaml", "optim:\n  epoch: 3\n")),
+    Case("missing-data-dir", ["train", "data.root={tmp}/no-such-dir"], ["data.root does not exist", "Fix"]),
+    Case("corrupt-idx-file", ["train", "data.root={tmp}/fmnist"], ["train-images-idx3-ubyte.gz", "Fix"], corrupt_fmnist),
+    Case("unreachable-ray", ["train", "run.address=127.0.0.1:1"], ["does not answer", "ray start --head"]),
+    Case("ray-address-not-host-port", ["train", "run.address=my-head"], ["not host:port", "run.address"]),
+    Case("unreachable-mlflow", ["train", "tracking.tracking_uri=http://127.0.0.1:1"],
+         ["tracking server http://127.0.0.1:1 is unreachable", "byol-ray mlflow-server"]),
+    Case("impossible-resources", ["train", "run.num_workers=64", "run.cpus_per_worker=1", "optim.batch_size=256"],
+         ["cannot hold 64 worker(s)", "Lower run.num_workers"], starts_ray=True),
+    Case("checkpoint-of-another-config", ["train", "run.name=old", "model.width=16"],
+         ["different config", "model.width: checkpoint 8 vs config 16", "new run with a different run.name"],
+         checkpoint_of_other_config),
+    Case("eval-missing-encoder", ["eval", "linear", "--encoder", "{tmp}/no-such-run"], ["--encoder", "Pass a checkpoint"]),
+    Case("sweep-unknown-preset", ["sweep", "no-such-preset"], ["unknown sweep preset", "tau"]),
+    Case("sweep-malformed-file", ["sweep", "{tmp}/sweep.yaml"], ["sweep.yaml is not valid YAML", "Fix the syntax"],
+         write("sweep.yaml", "variants: [\n")),
+    Case("mlflow-server-bad-port", ["mlflow-server", "--port", "70000"], ["not a TCP port", "1-65535"]),
+    Case("unknown-command", ["frobnicate"], ["unknown command 'frobnicate'", "Use one of: train", "--help"]),
+]
+
+
+@pytest.fixture
+def ray_tmp():
+    """The case's Ray temp root: short (Ray's unix socket paths must fit in 107 bytes), checked afterwards
+    for a session, and for processes left behind."""
+    d = Path(tempfile.mkdtemp(prefix="rbi", dir="/tmp"))
+    yield d
+    kill_cluster(str(d))
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def run_cli(case: Case, tmp: Path, ray_tmp: Path, debug: bool = False) -> subprocess.CompletedProcess:
+    argv = [a.replace("{tmp}", str(tmp)) for a in case.argv]
+    if argv[0] == "train" and case.train_defaults:
+        # Case overrides come last and win (tracking_uri for the unreachable-MLflow case).
+        argv[1:1] = [f"run.output_dir={tmp / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db"]
+    if debug:
+        argv.insert(1, "--debug")
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "byol_ray.cli", *argv], cwd=tmp, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def running_runs(tmp: Path) -> list[str]:
+    db = tmp / "mlflow.db"
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as con:
+        try:
+            return [r[0] for r in con.execute("SELECT run_uuid FROM runs WHERE status = 'RUNNING'")]
+        except sqlite3.OperationalError:  # no tables: MLflow never created a run
+            return []
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.ray] if c.starts_ray else [])
+                                  for c in CASES])
+def test_bad_input_fails_with_one_clear_paragraph(case: Case, tmp_path: Path, ray_tmp: Path):
+    if case.id == "corrupt-idx-file" and not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST not installed")
+    if case.setup:
+        case.setup(tmp_path)
+    proc = run_cli(case, tmp_path, ray_tmp)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert "byol-ray: error: " in proc.stderr, out[-3000:]
+    message = proc.stderr[proc.stderr.index("byol-ray: error: "):].strip()
+    paragraph = message.split("\n\n")[0]
+    assert paragraph == message, message  # one paragraph: no blank line
+    for phrase in case.phrases:
+        assert phrase in paragraph, f"{phrase!r} not in: {paragraph}"
+    if not case.starts_ray:
+        assert not any(ray_tmp.iterdir()), f"a Ray session was started: {list(ray_tmp.iterdir())}"
+    assert cluster_pids(str(ray_tmp)) == [], "the local Ray outlived the command"
+    assert running_runs(tmp_path) == []
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, ray_tmp: Path):
+    case = next(c for c in CASES if c.id == "unknown-key")
+    proc = run_cli(case, tmp_path, ray_tmp, debug=True)
+    assert proc.returncode == 2
+    assert "Traceback (most recent call last)" in proc.stderr and "ConfigError" in proc.stderr
+    assert "byol-ray: error: unknown config key optim.epoch" in proc.stderr

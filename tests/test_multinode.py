@@ -1,0 +1,107 @@
+"""Two real Ray nodes on this machine (`ray start --head`, then `ray start --address`), one CPU each, and a
+2-worker training connected with `run.address`: one worker lands on each node, checkpoints go to the
+shared `run.storage_path`, and the run finishes in MLflow."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from byol_ray.server import free_port
+from test_ray_train import TINY
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def cluster_pids(temp_dir: str) -> list[int]:
+    """This cluster's processes: every Ray process carries its temp/session dir on its command line."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if temp_dir.encode() in (d / "cmdline").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            pass  # ended meanwhile, or not ours to read
+    return pids
+
+
+def kill_cluster(temp_dir: str) -> None:
+    """End this cluster's processes only (`ray stop` would end every Ray runtime on the machine)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in cluster_pids(temp_dir):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while cluster_pids(temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def two_nodes():
+    # Short path: Ray's unix sockets live under it (107-byte limit).
+    temp_dir = tempfile.mkdtemp(prefix="rmn", dir="/tmp")
+    # Ray 2.60's head turns on token authentication (token in ~/.ray/auth_token); the second node and the
+    # driver present the token only with RAY_AUTH_MODE=token.
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    port = free_port()
+    head = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={temp_dir}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+    second = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
+              f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+    try:
+        for cmd in (head, second):
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        yield f"127.0.0.1:{port}", env
+    finally:
+        kill_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_two_workers_train_on_two_nodes(two_nodes, tmp_path):
+    address, env = two_nodes
+    env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
+    shared = tmp_path / "shared"
+    cmd = [sys.executable, "-m", "byol_ray.train", *TINY, "optim.epochs=2", f"run.address={address}",
+           f"run.output_dir={tmp_path / 'out'}", f"run.storage_path={shared}", "run.name=two-nodes",
+           f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.log_model=false"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+
+    # Each worker prints the node it runs on; the two ranks are on the two different nodes.
+    nodes = dict(re.findall(r"\[worker\] rank (\d) of 2 on node ([0-9a-f]+)", out))
+    assert set(nodes) == {"0", "1"}, out[-4000:]
+    assert nodes["0"] != nodes["1"]
+    # ... which are the cluster's two nodes. (Asked from a fresh process: Ray reads RAY_AUTH_MODE at import.)
+    query = ("import ray; ray.init(address='%s', log_to_driver=False); "
+             "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))" % address)
+    alive = subprocess.run([sys.executable, "-c", query], env=env, capture_output=True, text=True, timeout=120)
+    assert set(nodes.values()) == set(alive.stdout.split()), alive.stdout + alive.stderr[-2000:]
+
+    # Checkpoints in the shared storage path, one per epoch (keep_checkpoints=2).
+    ckpts = sorted(p.name for p in (shared / "two-nodes").glob("checkpoint_*") if p.is_dir())
+    assert len(ckpts) == 2, list((shared / "two-nodes").iterdir())
+    for c in ckpts:
+        assert (shared / "two-nodes" / c / "state.pt").is_file()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["byol-ray"])
+    assert list(runs["status"]) == ["FINISHED"] and runs.iloc[0]["tags.world_size"] == "2"
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
