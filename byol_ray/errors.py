@@ -14,9 +14,10 @@ class UserError(RuntimeError):
 def user_error_types() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data import DataError
+    from .sweep_spec import SweepError
     from .tracking import TrackingError
 
-    return (UserError, ConfigError, DataError, TrackingError)
+    return (UserError, ConfigError, DataError, TrackingError, SweepError)
 
 
 def run_cli(fn: Callable[[], int], debug: bool = False) -> int:
