@@ -189,7 +189,7 @@ def test_transfer_from_an_mlflow_model_uri(tmp_path, fmnist_root, monkeypatch):
 
     rc = eval_cli.main(["transfer", "--encoder", f"runs:/{parent}/encoder", "--tracking-uri", uri,
                         "--output-dir", str(tmp_path), "--dataset", "digits", "--epochs", "2",
-                        "--lrs", "0.1", "--train-subset", "300", "--test-subset", "200"])
+                        "--lrs", "0.1", "--train-subset", "300", "--test-subset", "200", "--splits", "2"])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert rc == 0
     _, runs = _child_runs(uri, parent)
@@ -197,6 +197,10 @@ def test_transfer_from_an_mlflow_model_uri(tmp_path, fmnist_root, monkeypatch):
     assert "byol/digits_linear_top_1" in runs[0].data.metrics
     md = (tmp_path / "tiny" / "eval_transfer" / "eval_transfer.md").read_text()
     assert "resized" in md and "digits linear top-1" in md
+    # Two seeded splits, each scored (an lr chosen per split and encoder), the table holding their mean.
+    assert "mean of 2 seeded train/test splits (seeds 0..1)" in md
+    assert {k for k in runs[0].data.params if k.endswith("digits.split1")} == {
+        "evaluation.lr.byol.digits.split1", "evaluation.lr.untrained_encoder.digits.split1"}
 
 
 def test_bad_encoder_is_a_clear_error(tmp_path, capsys):
