@@ -70,7 +70,7 @@ def ablation_table(runs: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
     """One row per variant in the sweep file's order; numbers only from FINISHED trials."""
     if runs.empty:
         runs = pd.DataFrame(columns=["tags.byol_ray.variant", "status", LINEAR, KNN])
-    for col in (LINEAR, KNN, "tags.collapsed", "tags.stopped"):
+    for col in (LINEAR, KNN, "tags.collapsed", "tags.stopped", "metrics.collapsed"):
         if col not in runs:
             runs[col] = math.nan
     rows: list[dict[str, Any]] = []
@@ -82,7 +82,8 @@ def ablation_table(runs: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
         rows.append({
             "variant": v.name, "seeds": int(done[LINEAR].notna().sum()), "trials": len(r),
             "linear_mean": lin_m, "linear_std": lin_s, "knn_mean": knn_m, "knn_std": knn_s,
-            "collapsed": int((r["tags.collapsed"] == "true").sum()),
+            # The tag is set by the driver at the end; the per-epoch metric survives a trial cut short.
+            "collapsed": int(((r["tags.collapsed"] == "true") | (r["metrics.collapsed"] == 1.0)).sum()),
             "stopped_early": int(r["tags.stopped"].notna().sum()),
             "paper": v.paper if v.paper is not None else math.nan,
         })

@@ -32,6 +32,7 @@ VARIANT_TAG = "byol_ray.variant"
 SEED_TAG = "byol_ray.seed"
 FINGERPRINT_PARAM = "sweep.fingerprint"
 SPEC_ARTIFACT = "sweep.json"
+FINAL_METRIC = "eval/byol/linear_top1"  # logged with the last epoch, after the final evaluation
 
 
 # The trial function only waits on its Ray Train run. Tune cannot schedule it on nothing, and any CPU
@@ -133,16 +134,35 @@ def max_concurrent_trials(cfg: Config) -> int:
     return max(1, worker_capacity(cfg) // cfg.run.num_workers)
 
 
-def close_orphans(tracker: Tracker, status: str, reason: str) -> list[str]:
-    """Child runs still RUNNING after Tune returned (stopped by ASHA, or their actor died) get ended."""
+def stopped_on_purpose(error: str) -> bool:
+    """The error a trial's driver saw when Tune stopped the trial: Ray's SIGTERM, or its Ray Train
+    controller actor ended on purpose first (Ray says "exit type: INTENDED")."""
+    return error.startswith("SystemExit") or (error.startswith("ActorDiedError") and "exit type: INTENDED" in error)
+
+
+def settle_children(tracker: Tracker, reason: str) -> list[str]:
+    """End the child runs Tune cut short, once it has returned.
+
+    Tune stops a trial by killing its actor (ASHA, an interrupted sweep), which can land after the run's
+    last epoch and evaluation were logged but before the driver ended the run: such a run completed and
+    is marked FINISHED. One without the final evaluation was stopped for good: KILLED, tagged `stopped`.
+    Returns the ids of the latter."""
     client = tracker.client
     exp_id = client.get_run(tracker.run_id).info.experiment_id
     runs = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{tracker.run_id}' and "
-                              f"attributes.status = 'RUNNING'")
+                              f"attributes.status != 'FINISHED'")
+    stopped = []
     for r in runs:
-        client.set_tag(r.info.run_id, "stopped", reason)
-        client.set_terminated(r.info.run_id, status=status)
-    return [r.info.run_id for r in runs]
+        if r.info.status == "FAILED" and not stopped_on_purpose(r.data.tags.get("error", "")):
+            continue  # a real failure: the sweep reports it, and a rerun retries it
+        if FINAL_METRIC in r.data.metrics:
+            client.set_tag(r.info.run_id, "finish_cut_short", "true")
+            client.set_terminated(r.info.run_id, status="FINISHED")
+        else:
+            client.set_tag(r.info.run_id, "stopped", reason)
+            client.set_terminated(r.info.run_id, status="KILLED")
+            stopped.append(r.info.run_id)
+    return stopped
 
 
 def run_sweep(spec: SweepSpec, cli_overrides: list[str], fresh: bool = False,
@@ -189,8 +209,10 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], fresh: bool = False,
         )
         scheduler = None
         if spec.asha.enabled:
+            # max_t one past the last epoch: ASHA stops every trial that reaches max_t, which would kill the
+            # ones that completed while their driver still logs the table and ends the MLflow run.
             scheduler = ASHAScheduler(time_attr="epoch", metric=spec.asha.metric, mode="max",
-                                      max_t=base.optim.epochs, grace_period=spec.asha.grace_epochs,
+                                      max_t=base.optim.epochs + 1, grace_period=spec.asha.grace_epochs,
                                       reduction_factor=spec.asha.reduction_factor)
         exp_name = f"sweep-{spec.name}-{instance}"
         exp_path = Path(storage_path(base)) / exp_name
@@ -215,13 +237,13 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], fresh: bool = False,
 
     if grid.num_terminated + grid.num_errors < len(trials_cfg):
         # Ctrl-C: Tune stops gracefully and returns; what ran is saved for the resume.
-        close_orphans(tracker, "KILLED", "sweep interrupted")
+        settle_children(tracker, "sweep interrupted")
         tracker.end("KILLED")
         print(f"[sweep] interrupted with {grid.num_terminated} of {len(trials_cfg)} trials done; rerun the same "
               f"command to resume (finished trials are kept)", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
     errors = [r for r in grid if r.error is not None]
-    stopped = close_orphans(tracker, "KILLED", "asha" if spec.asha.enabled else "ended early")
+    stopped = settle_children(tracker, "asha" if spec.asha.enabled else "ended early")
     tracker.set_tags({"wall_seconds": f"{wall:.0f}", "trials_errored": str(len(errors)),
                       "trials_stopped_early": str(len(stopped))})
     report = build_report(tracker, out_dir)

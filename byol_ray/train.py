@@ -245,7 +245,8 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
         if tracker:
             try:
                 tracker.set_tags({"error": redact(f"{type(e).__name__}: {e}")[:5000]})
-                tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+                # SystemExit: Ray's SIGTERM (e.g. Tune stopping a trial early), not a failure of the run.
+                tracker.end("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
             except delivery_errors() as te:
                 print(f"[driver] could not mark the MLflow run failed: {redact(str(te))[:300]}", file=sys.stderr)
         raise

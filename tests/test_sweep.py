@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from byol_ray.report import ablation_table, to_markdown
+from byol_ray.sweep import stopped_on_purpose
 from byol_ray.sweep_spec import SweepError, SweepSpec, Variant, load_sweep, presets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,3 +253,13 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, f
     for r in kids.itertuples():
         assert sorted({m.step for m in client.get_metric_history(r.run_id, "loss")}) == [1, 2, 3, 4, 5, 6]
     assert "resuming sweep 'tiny'" in second.stdout
+
+
+def test_a_trial_stopped_by_tune_is_told_apart_from_a_failure():
+    # What a trial's driver records when Tune stops it (ASHA, Ctrl-C), as seen in real ASHA sweeps here.
+    assert stopped_on_purpose("SystemExit: 1")
+    assert stopped_on_purpose("ActorDiedError: The actor died unexpectedly before finishing this task.\n"
+                              "\tclass_name: TrainController\nThe actor is dead because its worker process has died. "
+                              "Worker exit type: INTENDED_USER_EXIT")
+    assert not stopped_on_purpose("ActorDiedError: ... Worker exit type: SYSTEM_ERROR")
+    assert not stopped_on_purpose("ReplicaMismatch: replicas diverged after step 4")
