@@ -59,13 +59,11 @@ def resolve_encoder(spec: str, tracking_uri: str = "", output_dir: str = "") -> 
 
 
 def _resolve_checkpoint(spec: str, tracking_uri: str, output_dir: str) -> EncoderRef:
-    from .checkpoint import STATE_FILE, load_state
+    from .checkpoint import STATE_FILE, latest_checkpoint, load_state
 
     d = Path(spec).expanduser().resolve()
     if d.is_dir() and not (d / STATE_FILE).is_file():
-        found = sorted(p for p in d.glob("checkpoint_*") if (p / STATE_FILE).is_file())
-        if found:
-            d = found[-1]  # both naming schemes (timestamp, zero-padded epoch) sort chronologically
+        d = latest_checkpoint(d) or d  # a run folder: its newest checkpoint
     if not (d / STATE_FILE).is_file():
         raise UserError(
             f"--encoder {spec}: no {STATE_FILE} there and no checkpoint_* folder holding one. Pass a "

@@ -173,9 +173,9 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], fresh: bool = False,
     from .report import build_report
     from .train import check_resources, connect_ray, preflight, storage_path
 
-    trials_cfg = {trial_key(v.name, s): spec.trial_config(v.name, s, cli_overrides)
-                  for v in spec.variants for s in spec.seeds}
-    base = next(iter(trials_cfg.values()))
+    # Every trial's config was validated by load_sweep; the first one stands for the sweep's storage,
+    # tracking and resources until the parent run (and so the trials' names) exists.
+    base = spec.trial_config(spec.variants[0].name, spec.seeds[0], cli_overrides)
     if not base.tracking.enabled:
         raise UserError("a sweep records its trials as MLflow runs and builds its table from them: "
                         "remove tracking.enabled=false")
@@ -189,9 +189,11 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], fresh: bool = False,
 
     # Names carry the parent run's id: a --fresh sweep never resumes the old sweep's Ray Train runs.
     instance = tracker.run_id[:8]
-    trials_cfg = {k: spec.trial_config(*json.loads(k), cli_overrides, instance=instance) for k in trials_cfg}
-    tags = {k: {SWEEP_TAG: spec.name, ROLE_TAG: "trial", "byol_ray.ablation": spec.ablation,
-                VARIANT_TAG: json.loads(k)[0], SEED_TAG: str(json.loads(k)[1])} for k in trials_cfg}
+    trials_cfg = {trial_key(v.name, s): spec.trial_config(v.name, s, cli_overrides, instance=instance)
+                  for v in spec.variants for s in spec.seeds}
+    tags = {trial_key(v.name, s): {SWEEP_TAG: spec.name, ROLE_TAG: "trial", "byol_ray.ablation": spec.ablation,
+                                   VARIANT_TAG: v.name, SEED_TAG: str(s)}
+            for v in spec.variants for s in spec.seeds}
     try:
         connect_ray(base)
         if base.run.autoscaling:
