@@ -16,7 +16,7 @@ from byol_ray.data import ImageData, load_split
 from byol_ray.errors import UserError
 from byol_ray.evaluate import extract_features
 from byol_ray.finetune import balanced_subset, finetune, finetune_and_score
-from byol_ray.linear_eval import linear_eval
+from byol_ray.linear_eval import PAPER_WEIGHT_DECAYS, linear_eval, regularised_linear_eval
 from byol_ray.model import build_encoder
 from byol_ray.transfer import adapt, load_digits_splits
 
@@ -63,6 +63,33 @@ def test_linear_eval_of_labels_plus_noise_scores_the_bayes_rate():
     noise = linear_eval(torch.randn(4000, 10), ytr, torch.randn(4000, 10), yte, lrs=(0.1,), epochs=5,
                         log=lambda s: None)
     assert noise["top1"] < 15
+
+
+def test_regularised_protocol_scores_the_bayes_rate_and_picks_its_penalty_on_held_out_data():
+    # The paper's transfer protocol on the same known features: near the Bayes rate with the grid, and
+    # the choice is the grid value with the best held-out score (not the test score, not the first one).
+    xtr, ytr = _label_features(2000, 0.6, seed=0)
+    xte, yte = _label_features(2000, 0.6, seed=1)
+    bayes = 100.0 * (xte.argmax(1) == yte).float().mean().item()
+    out = regularised_linear_eval(xtr, ytr, xte, yte, seed=0, log=lambda s: None)
+    assert abs(out["top1"] - bayes) < 2.5 and out["top5"] >= out["top1"]
+    assert sorted(out["val_top1"]) == sorted(PAPER_WEIGHT_DECAYS) and len(PAPER_WEIGHT_DECAYS) == 45
+    assert PAPER_WEIGHT_DECAYS[0] == pytest.approx(1e-6) and PAPER_WEIGHT_DECAYS[-1] == pytest.approx(1e5)
+    best = max(out["val_top1"].values())
+    assert out["val_top1"][out["weight_decay"]] == best
+    # Ties go to the stronger penalty.
+    assert out["weight_decay"] == max(w for w, v in out["val_top1"].items() if v == best)
+    # The penalty is applied: at 1e5 the weights are ~0, every class gets the same logit, one class is
+    # predicted for every image, and the score falls to that class's share (chance).
+    crushed = regularised_linear_eval(xtr, ytr, xte, yte, weight_decays=(1e5,), log=lambda s: None)
+    assert crushed["top1"] < 15 and out["val_top1"][PAPER_WEIGHT_DECAYS[-1]] < 15
+
+
+def test_each_split_scores_its_own_seeded_untrained_encoder():
+    cfg = Config.from_dict({"model": TINY_MODEL})
+    a, b, c = (eval_cli.untrained_encoder(cfg, 1, s, "cpu") for s in (3, 3, 4))
+    wa, wb, wc = (m.state_dict()["conv1.weight"] for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
 
 
 # ---- fine-tuning changes the encoder, frozen evaluation does not ----------------------------------
@@ -188,8 +215,8 @@ def test_transfer_from_an_mlflow_model_uri(tmp_path, fmnist_root, monkeypatch):
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in loaded.state_dict().items())
 
     rc = eval_cli.main(["transfer", "--encoder", f"runs:/{parent}/encoder", "--tracking-uri", uri,
-                        "--output-dir", str(tmp_path), "--dataset", "digits", "--epochs", "2",
-                        "--lrs", "0.1", "--train-subset", "300", "--test-subset", "200", "--splits", "2"])
+                        "--output-dir", str(tmp_path), "--dataset", "digits", "--weight-decays", "1e-4,1e-2",
+                        "--train-subset", "300", "--test-subset", "200", "--splits", "2"])
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert rc == 0
     _, runs = _child_runs(uri, parent)
@@ -197,10 +224,14 @@ def test_transfer_from_an_mlflow_model_uri(tmp_path, fmnist_root, monkeypatch):
     assert "byol/digits_linear_top_1" in runs[0].data.metrics
     md = (tmp_path / "tiny" / "eval_transfer" / "eval_transfer.md").read_text()
     assert "resized" in md and "digits linear top-1" in md
-    # Two seeded splits, each scored (an lr chosen per split and encoder), the table holding their mean.
-    assert "mean of 2 seeded train/test splits (seeds 0..1)" in md
-    assert {k for k in runs[0].data.params if k.endswith("digits.split1")} == {
-        "evaluation.lr.byol.digits.split1", "evaluation.lr.untrained_encoder.digits.split1"}
+    # Two seeded splits, each scored (a penalty chosen per split and encoder), the table holding their mean.
+    assert "mean of 2 seeded train/test splits (seeds 0..1, each with an untrained encoder of the same seed)" in md
+    assert "L-BFGS" in md and "penalty picked from 2 values 0.0001..0.01" in md
+    params = runs[0].data.params
+    assert {k for k in params if k.endswith("digits.split1")} == {
+        "evaluation.weight_decay.byol.digits.split1", "evaluation.weight_decay.untrained_encoder.digits.split1"}
+    assert params["evaluation.weight_decay.byol.digits.split1"] in ("0.0001", "0.01")
+    assert params["evaluation.solver"] == "lbfgs" and float(params["evaluation.paired_diff_stderr.digits"]) >= 0
 
 
 def test_bad_encoder_is_a_clear_error(tmp_path, capsys):
