@@ -88,6 +88,14 @@ CASES = [
          ["different config", "model.width: checkpoint 8 vs config 16", "new run with a different run.name"],
          checkpoint_of_other_config),
     Case("eval-missing-encoder", ["eval", "linear", "--encoder", "{tmp}/no-such-run"], ["--encoder", "Pass a checkpoint"]),
+    # The stub checkpoint has a config but no weights: a check made after loading the encoder would fail
+    # with a KeyError traceback instead, so these also show the check comes before any work (and Ray).
+    Case("eval-unreachable-mlflow", ["eval", "semi", "--ray", "--encoder", "{tmp}/out/ray_results/old",
+                                     "--tracking-uri", "http://127.0.0.1:1"],
+         ["tracking server http://127.0.0.1:1 is unreachable", "byol-ray mlflow-server"], checkpoint_of_other_config),
+    Case("eval-unknown-transfer-dataset", ["eval", "transfer", "--ray", "--encoder", "{tmp}/out/ray_results/old",
+                                           "--dataset", "imagenet21k"],
+         ["unknown transfer dataset 'imagenet21k'", "digits"], checkpoint_of_other_config),
     Case("sweep-unknown-preset", ["sweep", "no-such-preset"], ["unknown sweep preset", "tau"]),
     Case("sweep-malformed-file", ["sweep", "{tmp}/sweep.yaml"], ["sweep.yaml is not valid YAML", "Fix the syntax"],
          write("sweep.yaml", "variants: [\n")),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from byol_ray import eval_cli
+from byol_ray import encoder_source, eval_cli
 from byol_ray.checkpoint import load_state
 from byol_ray.config import Config, DataConfig
 from byol_ray.data import ImageData, load_split
@@ -87,7 +87,7 @@ def test_regularised_protocol_scores_the_bayes_rate_and_picks_its_penalty_on_hel
 
 def test_each_split_scores_its_own_seeded_untrained_encoder():
     cfg = Config.from_dict({"model": TINY_MODEL})
-    a, b, c = (eval_cli.untrained_encoder(cfg, 1, s, "cpu") for s in (3, 3, 4))
+    a, b, c = (encoder_source.untrained_encoder(cfg, 1, s, "cpu") for s in (3, 3, 4))
     wa, wb, wc = (m.state_dict()["conv1.weight"] for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
 
@@ -204,13 +204,13 @@ def test_transfer_from_an_mlflow_model_uri(tmp_path, fmnist_root, monkeypatch):
 
     run_dir, uri, parent = _pretrained_checkpoint(tmp_path, fmnist_root, monkeypatch)
     state = load_state(sorted(run_dir.glob("checkpoint_*"))[-1])
-    encoder, channels = eval_cli.load_encoder(eval_cli.resolve_encoder(str(run_dir), uri))
+    encoder, channels = encoder_source.load_encoder(encoder_source.resolve_encoder(str(run_dir), uri))
     Tracker(uri, parent).log_model(encoder, "encoder", input_example=torch.zeros(2, 1, 28, 28).numpy())
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
-    ref = eval_cli.resolve_encoder(f"runs:/{parent}/encoder", uri, str(tmp_path))
+    ref = encoder_source.resolve_encoder(f"runs:/{parent}/encoder", uri, str(tmp_path))
     assert ref.kind == "mlflow" and ref.parent_run_id == parent and ref.config == state["config"]
-    loaded, ch = eval_cli.load_encoder(ref)
+    loaded, ch = encoder_source.load_encoder(ref)
     assert ch == channels == 1
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in loaded.state_dict().items())
 
