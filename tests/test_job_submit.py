@@ -66,16 +66,21 @@ def head_node(tmp_path):
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def test_training_submitted_as_a_ray_job(head_node, tmp_path):
-    out = tmp_path / "out"
-    entry = ["python", "-m", "byol_ray.train", *TINY, "optim.epochs=2", f"run.output_dir={out}",
-             "run.name=job", "tracking.log_model=false"]
-    submit = [str(BIN / "ray"), "job", "submit", "--address", head_node, "--submission-id", "byol-job-test",
+def submit_job(address: str, submission_id: str, entry: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit` of this repository as the working dir; waits for the job and returns its output."""
+    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission_id,
               "--working-dir", str(REPO),
               "--runtime-env-json", '{"excludes": [".venv", "outputs", ".git", "*.db"]}', "--", *entry]
-    env = ray_env()
-    proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(submit, env=ray_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_training_submitted_as_a_ray_job(head_node, tmp_path):
+    out = tmp_path / "out"
+    env = ray_env()
+    proc = submit_job(head_node, "byol-job-test", ["python", "-m", "byol_ray.train", *TINY, "optim.epochs=2",
+                                                   f"run.output_dir={out}", "run.name=job", "tracking.log_model=false"])
     status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", head_node, "byol-job-test"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert "byol-job-test' succeeded" in (status.stdout + status.stderr).lower()  # status SUCCEEDED
@@ -85,6 +90,19 @@ def test_training_submitted_as_a_ray_job(head_node, tmp_path):
     assert list(runs["status"]) == ["FINISHED"]
     assert runs.iloc[0]["tags.byol_ray.run_name"] == "job"
     assert runs.iloc[0]["metrics.eval/byol/linear_top1"] > 10
+
+    # The evaluation of that run as a second job, its protocol in a Ray task on the same cluster: a child
+    # run of the pretraining run, in the same store.
+    proc = submit_job(head_node, "byol-eval-test", [
+        "python", "-m", "byol_ray.cli", "eval", "transfer", "--ray", "--cpus", "1", "--encoder",
+        str(out / "ray_results" / "job"), "--dataset", "digits", "--weight-decays", "1e-3,1",
+        "--train-subset", "300", "--test-subset", "200"])
+    assert "| BYOL - untrained encoder |" in proc.stdout
+    children = mlflow.search_runs(experiment_names=["byol-ray"],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{runs.iloc[0]['run_id']}'")
+    assert len(children) == 1 and children.iloc[0]["status"] == "FINISHED"
+    assert children.iloc[0]["params.evaluation.protocol"] == "transfer"
+    assert children.iloc[0]["metrics.byol/digits_linear_top_1"] > 30
 
 
 def test_rerunning_the_command_resumes_a_run_whose_driver_died(tmp_path):
