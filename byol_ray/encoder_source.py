@@ -1,9 +1,10 @@
 """Where an encoder to evaluate comes from: a Ray Train checkpoint or an MLflow model, and the baseline.
 
 ``--encoder`` is a checkpoint directory (or the run folder holding them: the newest is used) or an MLflow
-model URI (``runs:/<id>/encoder``, ``models:/...``) logged by the pretraining driver. Resolving is cheap
-(the config and the pretraining run id, no weights) so that bad input fails before any work; loading
-gives a trainable module either way, so every protocol can fine-tune it.
+model URI (``runs:/<id>/encoder``, ``models:/...``) logged by the pretraining driver. Resolving finds the
+pretraining config and MLflow run id (and fails on bad input) before any evaluation work, in the
+process that parses the arguments; loading, possibly in a Ray task, gives a trainable module either
+way, so every protocol can fine-tune it.
 """
 
 from __future__ import annotations

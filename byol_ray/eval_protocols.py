@@ -16,7 +16,6 @@ from .config import Config, ConfigError
 from .encoder_source import EncoderRef, load_encoder, untrained_encoder
 from .errors import UserError
 
-PROTOCOLS = ("linear", "semi", "transfer")
 BYOL_ROW = "BYOL"
 # The paper's ImageNet ResNet-50 numbers (recipe file): the shape of the comparison, not comparable values.
 PAPER = "paper: BYOL ResNet-50, ImageNet (reference)"
