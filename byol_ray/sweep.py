@@ -24,7 +24,7 @@ from typing import Any
 from .config import Config
 from .errors import UserError, run_cli
 from .sweep_spec import SweepSpec, load_sweep
-from .tracking import RUN_NAME_TAG, Tracker, check_reachable, environment_tags, resolve_tracking_uri
+from .tracking import RUN_NAME_TAG, Tracker, environment_tags, resolve_tracking_uri
 
 SWEEP_TAG = "byol_ray.sweep"
 ROLE_TAG = "byol_ray.role"

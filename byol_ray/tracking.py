@@ -270,6 +270,23 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
+    def end_after_error(self, status: str, error: str) -> bool:
+        """Best effort, one short try per call: tag the error and end the run with `status`.
+
+        Used while an error is already on its way up; a tracking server that is down must not hold it
+        up for MLflow's minutes of retries. Returns whether the run was marked.
+        """
+        try:
+            with _short_http():
+                self.client.set_tag(self.run_id, "error", redact(error)[:5000])
+                self.client.set_terminated(self.run_id, status=status)
+            return True
+        except delivery_errors() as e:
+            print(f"[mlflow] could not mark run {self.run_id} {status} at {redact(self.uri)} "
+                  f"({type(e).__name__}); it stays RUNNING until the same command is rerun", file=sys.stderr,
+                  flush=True)
+            return False
+
     def status(self) -> str:
         return self.client.get_run(self.run_id).info.status
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, load_config
-from .data import DataError, check_data
+from .data import check_data
 from .errors import UserError, run_cli
 from .tracking import (TrackingError, Tracker, check_reachable, deliver_undelivered, delivery_errors, environment_tags,
                        find_run_by_name, redact, resolve_tracking_uri, undelivered_path)
@@ -240,15 +240,12 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
         result = trainer.fit()
         out = finish_run(cfg, tracker, result, time.time() - t0)
     except BaseException as e:
-        # Never leave the MLflow run RUNNING: a rerun of the same run.name resumes it.
+        # Never leave the MLflow run RUNNING: a rerun of the same run.name resumes it (either way).
         # Best effort: the error being raised matters more than one the tracking server adds.
         if tracker:
-            try:
-                tracker.set_tags({"error": redact(f"{type(e).__name__}: {e}")[:5000]})
-                # SystemExit: Ray's SIGTERM (e.g. Tune stopping a trial early), not a failure of the run.
-                tracker.end("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
-            except delivery_errors() as te:
-                print(f"[driver] could not mark the MLflow run failed: {redact(str(te))[:300]}", file=sys.stderr)
+            # SystemExit: Ray's SIGTERM (e.g. Tune stopping a trial early), not a failure of the run.
+            tracker.end_after_error("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED",
+                                    f"{type(e).__name__}: {e}")
         raise
     return out
 
@@ -266,16 +263,29 @@ def finish_run(cfg: Config, tracker: Tracker | None, result, wall: float) -> dic
         print("\n" + rows_to_markdown(rows), flush=True)
         print(f"[driver] evaluation table written to {files['markdown']} and {files['csv']}", flush=True)
     if tracker:
-        late = deliver_undelivered(tracker, undelivered_path(cfg))
-        if late:
-            print(late, flush=True)
-        tracker.set_tags({"restarts": str(int(metrics.get("restarts", 0))), "wall_seconds": f"{wall:.0f}",
-                          "collapsed": str(bool(metrics.get("collapsed", 0))).lower()})
-        for f in files.values():
-            tracker.log_artifact(f)
-        if cfg.tracking.log_model and result.checkpoint is not None:
-            out["model_uri"] = log_encoder(cfg, tracker, result.checkpoint)
-        tracker.end("FINISHED")
+        # These calls keep MLflow's own retries (minutes): a server restarting as the run ends still
+        # gets its results. Past them, nothing is lost: the checkpoint and the table are on disk, and
+        # rerunning the command logs them without training again.
+        try:
+            late = deliver_undelivered(tracker, undelivered_path(cfg))
+            if late:
+                print(late, flush=True)
+            tracker.set_tags({"restarts": str(int(metrics.get("restarts", 0))), "wall_seconds": f"{wall:.0f}",
+                              "collapsed": str(bool(metrics.get("collapsed", 0))).lower()})
+            for f in files.values():
+                tracker.log_artifact(f)
+            if cfg.tracking.log_model and result.checkpoint is not None:
+                out["model_uri"] = log_encoder(cfg, tracker, result.checkpoint)
+            tracker.end("FINISHED")
+        except delivery_errors() as e:
+            where = f" ({result.checkpoint.path})" if result.checkpoint is not None else ""
+            table = f"; the evaluation table is in {files['markdown']}" if files else ""
+            raise TrackingError(
+                f"training finished and its final checkpoint is saved{where}{table}, but the MLflow tracking "
+                f"server {redact(tracker.uri)} did not take the run's final results ({type(e).__name__}). "
+                f"Once it is reachable again, rerun the same command: it resumes MLflow run {tracker.run_id} "
+                f"from the final checkpoint, without training again, and logs them."
+            ) from None
     return out
 
 

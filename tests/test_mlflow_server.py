@@ -222,6 +222,54 @@ def test_server_outage_mid_run_loses_no_metric(server, ray_local, tmp_path):
     assert not spool.exists()  # everything delivered, nothing left to report
 
 
+def test_server_down_as_the_run_ends_loses_nothing_and_a_rerun_logs_it(server, ray_local, tmp_path, monkeypatch,
+                                                                        capsys):
+    """The server goes away after the last epoch, as the driver starts logging the run's final results:
+    the command fails with one clear paragraph (fast: the driver's marking calls make one short try), the
+    run stays unfinished, and rerunning the same command once the server is back logs the results from
+    the final checkpoint without training again."""
+    from byol_ray import train
+    from byol_ray.tracking import TrackingError
+
+    cfg = load_config(None, TINY + [f"run.output_dir={tmp_path}", "run.name=late", f"tracking.tracking_uri={server.url}",
+                                    "tracking.log_model=false"])
+    real_deliver = train.deliver_undelivered
+
+    def server_gone(tracker, path):
+        server.stop()
+        return real_deliver(tracker, path)
+
+    monkeypatch.setattr(train, "deliver_undelivered", server_gone)
+    # The final calls keep MLflow's retries in real runs (minutes); one try keeps the test short.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    try:
+        with pytest.raises(TrackingError) as err:
+            train.run_training(cfg)
+    finally:
+        server.start()
+    msg = str(err.value)
+    assert "training finished and its final checkpoint is saved" in msg and "rerun the same command" in msg
+    assert "eval_table.md" in msg
+    client = mlflow.tracking.MlflowClient(server.url)
+    run = client.search_runs([client.get_experiment_by_name("byol-ray").experiment_id],
+                             "tags.`byol_ray.run_name` = 'late'")[0]
+    assert run.info.status == "RUNNING" and run.info.run_id in msg
+    assert "eval_table.md" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    monkeypatch.setattr(train, "deliver_undelivered", real_deliver)
+    out = train.run_training(cfg)
+    assert out["run_id"] == run.info.run_id
+    assert f"[driver] resuming MLflow run {run.info.run_id}" in capsys.readouterr().out
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED"
+    # The three epochs of the first command, once each: the rerun restored the final checkpoint and
+    # trained nothing (retraining would have logged steps 1-3 again).
+    assert steps(server.url, run.info.run_id) == [1, 2, 3]
+    assert {"eval_table.md", "eval_table.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert after.data.metrics["eval/byol/linear_top1"] > 10
+
+
 def test_safe_defaults():
     """Checkpoints load without pickle; what we start listens on localhost unless told otherwise."""
     import inspect
