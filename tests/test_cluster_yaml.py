@@ -215,15 +215,19 @@ def test_no_credentials_in_file(text, config):
 
 def test_mlflow_server_runs_on_the_head_only(config):
     head_cmds = config["head_setup_commands"] + config["head_start_ray_commands"]
-    servers = [c for c in head_cmds if "mlflow server" in c]
+    servers = [c for c in head_cmds if "byol-ray mlflow-server" in c]
     assert len(servers) == 1, servers
-    argv = shlex.split(servers[0].split("mlflow server", 1)[1].split("&", 1)[0].split(">", 1)[0])
-    assert _option(argv, "--backend-store-uri") == "sqlite:////home/ray/mlflow/mlflow.db"
-    assert _option(argv, "--host") == "0.0.0.0"
-    assert _option(argv, "--port") == "5000"
-    assert (_option(argv, "--artifacts-destination") or "").startswith("s3://")
+    assert not any("mlflow server" in c for c in head_cmds), "start it through byol-ray mlflow-server"
+    argv = shlex.split(servers[0].split("byol-ray mlflow-server", 1)[1].split("&", 1)[0].split(">", 1)[0])
+    # The command's own parser: an option it does not have fails here, not on the cluster's head.
+    from byol_ray.server import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.backend_store_uri == "sqlite:////home/ray/mlflow/mlflow.db"
+    assert (args.host, args.port) == ("0.0.0.0", 5000)
+    assert args.artifacts_destination.startswith("s3://")
     others = config["setup_commands"] + config["worker_setup_commands"] + config["worker_start_ray_commands"]
-    assert not any("mlflow server" in c for c in others)
+    assert not any("mlflow server" in c or "mlflow-server" in c for c in others)
     # The DB lives on the head's host disk (the container runs with --rm).
     assert any("/home/ray/mlflow" in o for o in config["docker"]["head_run_options"])
 
