@@ -82,8 +82,8 @@ def log_to_mlflow(ref: EncoderRef, protocol: str, result: dict, files: list[Path
         tracker.log_metrics({**result["metrics"], "wall_seconds": wall}, step=0)
         for f in files:
             tracker.log_artifact(f)
-    except BaseException:
-        tracker.end("FAILED")  # never leave a RUNNING run behind
+    except BaseException as e:
+        tracker.end_after_error("FAILED", f"{type(e).__name__}: {e}")  # never leave a RUNNING run behind
         raise
     tracker.end("FINISHED")
     return tracker.run_id

@@ -171,13 +171,12 @@ def _transfer(spec, cfg, channels, encoders, device, log):
         # A small transfer set (digits: 540 test images) moves by a point from one split to the next, and
         # the untrained baseline by more from one random init to the next (measured on 10 digits splits:
         # std 1.8-2.3 with a fresh init per split, against 0.6-1.3 for the one BYOL encoder). --splits N
-        # scores N seeded splits (seed, seed+1, ...), each against its own untrained init seeded the same,
-        # and reports the means.
+        # scores N seeded splits (seed, seed+1, ...), each against its own untrained init seeded the same
+        # (for every dataset, so a second --dataset starts again from seed), and reports the means.
         scores: dict[str, list[float]] = {name: [] for name in encoders}
         for k in range(splits):
             split_seed = spec["seed"] + k
-            if k > 0:
-                encoders[BASELINE_ROW] = untrained_encoder(cfg, channels, split_seed, device)
+            encoders[BASELINE_ROW] = untrained_encoder(cfg, channels, split_seed, device)
             train, test, adapted = load_transfer(ds, spec["data"].get("root") or "", channels, size, split_seed,
                                                  spec["data"].get("train_subset") or 0,
                                                  spec["data"].get("test_subset") or 0)
@@ -208,12 +207,13 @@ def _transfer(spec, cfg, channels, encoders, device, log):
             main_s, base_s = scores[BYOL_ROW], scores[BASELINE_ROW]
             wins = sum(m > b for m, b in zip(main_s, base_s))
             diff = np.subtract(main_s, base_s)
-            params[f"paired_diff_stderr.{ds}"] = float(np.std(diff, ddof=1) / np.sqrt(splits))
+            stderr = float(np.std(diff, ddof=1) / np.sqrt(splits))
+            params[f"paired_diff_stderr.{ds}"] = stderr
             notes.append(f"{ds}: mean of {splits} seeded train/test splits (seeds {spec['seed']}.."
                          f"{spec['seed'] + splits - 1}, each with an untrained encoder of the same seed); "
                          f"std over splits {np.std(main_s, ddof=1):.2f} (BYOL), "
                          f"{np.std(base_s, ddof=1):.2f} (untrained); paired difference {diff.mean():+.2f} "
-                         f"(standard error {params[f'paired_diff_stderr.{ds}']:.2f}); BYOL ahead on {wins} of "
+                         f"(standard error {stderr:.2f}); BYOL ahead on {wins} of "
                          f"{splits} splits")
         if spec["finetune"]:
             fcol = f"{ds} fine-tune top-1"

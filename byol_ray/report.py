@@ -23,7 +23,7 @@ import pandas as pd
 
 from .errors import UserError, run_cli
 from .sweep_spec import SweepSpec, load_sweep
-from .tracking import Tracker, resolve_tracking_uri
+from .tracking import Tracker, check_reachable, resolve_tracking_uri
 
 LINEAR = "metrics.eval/byol/linear_top1"
 KNN = "metrics.eval/byol/knn_top1"
@@ -221,8 +221,6 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_sweep(args.sweep, args.overrides)
         cfg = spec.trial_config(spec.baseline, spec.seeds[0], args.overrides)
         uri = resolve_tracking_uri(cfg)
-        from .tracking import check_reachable
-
         check_reachable(uri)
         run_id = args.run_id or find_sweep_parent(uri, cfg.tracking.experiment, spec.name)
         out = Path(args.output_dir) if args.output_dir else cfg.output_dir / f"sweep-{spec.name}"

@@ -233,8 +233,7 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], fresh: bool = False,
         grid = tuner.fit()
         wall = time.time() - t0
     except BaseException as e:
-        tracker.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
-        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        tracker.end_after_error("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{type(e).__name__}: {e}")
         raise
 
     if grid.num_terminated + grid.num_errors < len(trials_cfg):
