@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         ref = resolve_encoder(args.encoder, args.tracking_uri, args.output_dir)
         spec = build_spec(args, ref)
-        log_mlflow = not args.no_mlflow and Config.from_dict(ref.config).tracking.enabled
+        cfg = Config.from_dict(ref.config)
+        log_mlflow = not args.no_mlflow and cfg.tracking.enabled
         if log_mlflow:
             check_reachable(ref.tracking_uri)  # before minutes of evaluation, not after
         print(f"[eval] {args.protocol} evaluation of {ref.kind} {ref.location} (pretraining run "
@@ -211,7 +212,6 @@ def main(argv: list[str] | None = None) -> int:
 
         table = ResultTable(**result["table"])
         wall = time.time() - t0
-        cfg = Config.from_dict(ref.config)
         out_dir = Path(ref.output_dir) / cfg.run.name / f"eval_{args.protocol}"
         files = table.write(out_dir, f"eval_{args.protocol}")
         paths = [files["markdown"], files["csv"]]
