@@ -21,8 +21,10 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
@@ -94,7 +96,10 @@ class ModelConfig:
     # SMALL-DATA DEPARTURE: base width 64 is torchvision's ResNet; 32 quarters the FLOPs so a 2-core CPU
     # sees enough epochs in 15 minutes. 64 is the paper's.
     width: int = 32
-    in_channels: int = 0  # 0 = the dataset's channel count
+    # 0 = the dataset's channel count. 1 or 3 pretrains an encoder of that many input channels on any
+    # data (1 -> 3 repeats the grey channel, 3 -> 1 takes the luma), e.g. a 3-channel encoder from
+    # Fashion-MNIST that can be evaluated on RGB datasets.
+    in_channels: int = 0
     projector_hidden: int = 4096
     projector_out: int = 256
     projector_layers: int = 2
@@ -128,7 +133,6 @@ class OptimConfig:
     tau_base: float = 0.996
     tau_schedule: str = "cosine"  # "constant" keeps tau = tau_base (the paper's tau ablation)
     steps_per_epoch: int = 0  # 0 = a full pass over the data; N caps it (tests, benchmarks)
-    max_minutes: float = 0.0  # 0 = no limit; else the schedule is sized to stop after about this long
     grad_clip: float = 0.0
 
 
@@ -137,9 +141,10 @@ class EvalConfig:
     knn_k: int = 200
     knn_temperature: float = 0.1
     knn_every: int = 0  # run kNN monitoring every N epochs (0 = only at the end)
-    online_probe: bool = True  # linear probe on detached features, trained during pretraining
-    linear_epochs: int = 100  # full-batch L-BFGS/Adam epochs of the frozen-feature probe
-    linear_lr: float = 0.1
+    # A linear probe on detached representations, trained during pretraining (its own Adam optimiser, no
+    # gradient into the encoder): the per-epoch `online_probe_acc` monitor. False skips it.
+    online_probe: bool = True
+    linear_epochs: int = 100  # L-BFGS iterations of the frozen-feature probe of the end-of-run table
     linear_weight_decay: float = 1e-5
     final: bool = True  # evaluate at the end of pretraining (off for benchmarks)
     baselines: bool = True  # also score raw pixels and an untrained encoder
@@ -417,7 +422,6 @@ def validate(cfg: Config) -> None:
     _check(o.trust_coefficient > 0, "optim.trust_coefficient", "must be > 0")
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
     _check(o.steps_per_epoch >= 0, "optim.steps_per_epoch", "must be >= 0 (0 = full epoch)")
-    _check(o.max_minutes >= 0, "optim.max_minutes", "must be >= 0 (0 = no limit)")
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
 
     e = cfg.eval

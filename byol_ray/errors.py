@@ -1,4 +1,8 @@
-"""User-facing errors: one paragraph naming the problem and the fix, exit code 2, no traceback."""
+"""User-facing errors: one paragraph naming the problem and the fix, exit code 2, no traceback.
+
+A leaf: it imports nothing of the package. Every domain error (`ConfigError`, `DataError`,
+`TrackingError`, `SweepError`, ...) subclasses `UserError`, so a command catches exactly one type.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +15,11 @@ class UserError(RuntimeError):
     """Something the user can fix (input, environment); printed without a traceback."""
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    from .config import ConfigError
-    from .data import DataError
-    from .sweep_spec import SweepError
-    from .tracking import TrackingError
-
-    return (UserError, ConfigError, DataError, TrackingError, SweepError)
-
-
 def run_cli(fn: Callable[[], int], debug: bool = False) -> int:
-    """Run a command; known user errors become a clear message and exit code 2."""
+    """Run a command; user errors become a clear message and exit code 2."""
     try:
         return fn()
-    except user_error_types() as e:
+    except UserError as e:
         if debug:
             traceback.print_exc()
         print(f"byol-ray: error: {e}", file=sys.stderr, flush=True)

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from .config import Config, ConfigError, load_config, parse_override
+from .errors import UserError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments" / "sweeps"
 _TOP_KEYS = {"name", "ablation", "base_config", "overrides", "seeds", "baseline", "paper_baseline", "asha",
@@ -37,7 +38,7 @@ _VARIANT_KEYS = {"name", "set", "paper", "note"}
 _ASHA_KEYS = {"enabled", "metric", "grace_epochs", "reduction_factor"}
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A sweep file or preset is wrong; the message names the file, the key and the fix."""
 
 

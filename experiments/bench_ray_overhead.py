@@ -20,9 +20,9 @@ from pathlib import Path
 import ray
 
 from byol_ray.config import load_config
-from byol_ray.loop import pretrain
-from byol_ray.session import LocalSession
-from byol_ray.train import run_training
+from byol_ray.training.loop import pretrain
+from byol_ray.training.session import LocalSession
+from byol_ray.distributed.driver import run_training
 
 BASE = ["data.train_subset=15360", "optim.epochs=3", "optim.warmup_epochs=0", "eval.final=false",
         "tracking.enabled=false", "run.log_every=1000"]

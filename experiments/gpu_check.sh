@@ -5,7 +5,7 @@
 #   2. the same in fp32, for the bf16 speed-up;
 #   3. byol-ray bench, ResNet-18 (CIFAR stem) at 32 px, batch 512, bf16 (synthetic images);
 #   4. byol-ray bench, ResNet-50 at 224 px on a streamed folder of real JPEG files (generated here, 500x375):
-#      the DataLoader decode + crop path of byol_ray/pipeline.py against the training step;
+#      the DataLoader decode + crop path of byol_ray/data/pipeline.py against the training step;
 #   5. a short Ray Train run, 1 worker x 1 GPU (Fashion-MNIST if installed, else the JPEG folder, streamed).
 #
 #   experiments/gpu_check.sh [OUTPUT_DIR]          # default: $OUT if set, else outputs/gpu_check
@@ -95,7 +95,7 @@ run_step ray_train_1gpu 200 "$PY" - "$OUTDIR/ray_train_1gpu.json" "${DATA[@]}" r
     run.output_dir="$OUTDIR/train" tracking.log_model=false <<'EOF'
 import json, sys, time
 from byol_ray.config import load_config
-from byol_ray.train import run_training
+from byol_ray.distributed.driver import run_training
 out_path, argv = sys.argv[1], sys.argv[2:]
 cfg = load_config(argv[1], argv[2:])
 t0 = time.time()

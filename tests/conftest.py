@@ -36,3 +36,11 @@ def no_ambient_tracking_uri():
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A real ImageNet-style folder: 3 classes of PNGs (lossless) with different sizes and aspects."""
+    from helpers import write_image_folder
+
+    return write_image_folder(tmp_path / "imgs")

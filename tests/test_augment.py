@@ -11,7 +11,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from byol_ray.augment import (
+from byol_ray.data.augment import (
     JITTER_OPS,
     LUMA,
     TwoViews,
@@ -451,3 +451,26 @@ def test_cuda_matches_cpu_for_the_same_params():
     g = torch.Generator(device="cuda").manual_seed(0)
     v1, v2_ = TwoViews(AugmentConfig(), 16, [0.5] * 3, [0.25] * 3)(x.cuda(), g)
     assert v1.is_cuda and v2_.shape == (32, 3, 16, 16)
+
+
+# ---- batched augmentation: per-image independence -----------------------------------------------
+def test_batched_augmentation_draws_each_images_parameters_independently():
+    vt = ViewTransform(AugmentConfig().view1, AugmentConfig().ops, 32, (0.5,) * 3, (0.25,) * 3)
+    B = 4096
+    p = vt.sample_params(B, 3, (64, 64), torch.Generator().manual_seed(0), "cpu")
+    scale = p["crop_scale"]
+    # Neighbouring images do not share draws: lag-1 correlation ~ 0 (|r| < 4 / sqrt(B) ~ 0.06).
+    for name in ("crop_scale", "brightness", "contrast", "blur_sigma"):
+        x = p[name].float()
+        r = torch.corrcoef(torch.stack([x[:-1], x[1:]]))[0, 1].item()
+        assert abs(r) < 0.06, (name, r)
+    # Different ops of one image are independent too: P(flip and jitter) = P(flip) P(jitter).
+    flip, jit = p["flip"].float(), p["jitter"].float()
+    assert (flip * jit).mean().item() == pytest.approx(flip.mean().item() * jit.mean().item(), abs=0.02)
+    assert scale.unique().numel() > B * 0.99
+    # The same image B times gives B different views.
+    img = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8).expand(64, -1, -1, -1).contiguous()
+    v1, v2 = TwoViews(AugmentConfig(), 32, (0.5,) * 3, (0.25,) * 3)(img, torch.Generator().manual_seed(1))
+    flat = v1.flatten(1)
+    assert torch.cdist(flat, flat).fill_diagonal_(1.0).min().item() > 0
+    assert not torch.equal(v1, v2)

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 
-from byol_ray.checkpoint import save_state
+from byol_ray.core.state import TrainState, save_state
 from byol_ray.config import load_config
-from test_multinode import kill_cluster, cluster_pids
+from helpers import cluster_pids, kill_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -55,7 +56,7 @@ def checkpoint_of_other_config(tmp: Path) -> None:
     """A run `old` whose checkpoint was made with model.width=8; the case resumes it with width 16."""
     other = load_config(None, ["model.width=8", "run.name=old", f"run.output_dir={tmp / 'out'}"])
     save_state(tmp / "out" / "ray_results" / "old" / "checkpoint_2026-01-01_00-00-00.000000",
-               {"config": other.to_dict(), "epoch": 1})
+               TrainState(trainer={}, epoch=1, in_channels=1, config=other.to_dict(), rng=torch.get_rng_state()))
 
 
 CASES = [

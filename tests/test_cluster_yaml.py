@@ -220,7 +220,7 @@ def test_mlflow_server_runs_on_the_head_only(config):
     assert not any("mlflow server" in c for c in head_cmds), "start it through byol-ray mlflow-server"
     argv = shlex.split(servers[0].split("byol-ray mlflow-server", 1)[1].split("&", 1)[0].split(">", 1)[0])
     # The command's own parser: an option it does not have fails here, not on the cluster's head.
-    from byol_ray.server import build_parser
+    from byol_ray.cli.mlflow_server import build_parser
 
     args = build_parser().parse_args(argv)
     assert args.backend_store_uri == "sqlite:////home/ray/mlflow/mlflow.db"

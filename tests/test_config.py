@@ -264,3 +264,16 @@ def test_bad_yaml_file_raises_config_error_naming_the_file(tmp_path, text):
 def test_config_error_is_a_value_error():
     # The CLI maps ConfigError to exit code 2; callers that only know ValueError still catch it.
     assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["run.precision=bf16"], "run.precision"),  # device auto: not necessarily a GPU
+    (["run.precision=fp16", "run.device=cuda"], "run.precision"),
+    (["data.stream=true"], "data.stream"),  # fashion_mnist is in memory
+    (["data.dataset=folder", "data.stream=true"], "data.stream"),  # final evaluation still on
+])
+def test_gpu_and_stream_options_are_validated(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, overrides)
+    cfg = load_config(None, ["run.precision=bf16", "run.device=cuda", "run.compile=true"])
+    assert cfg.run.precision == "bf16" and cfg.run.compile

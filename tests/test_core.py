@@ -16,13 +16,14 @@ import torchvision
 from torch import nn
 
 from byol_ray.config import Config, ModelConfig, OptimConfig
-from byol_ray.ema import EMA, ema_loop_, tau_at
-from byol_ray.evaluate import knn_accuracy, linear_probe, topk_accuracy
-from byol_ray.loop import pretrain
-from byol_ray.loss import byol_loss, regression_loss
-from byol_ray.model import OnlineNetwork, ResNetEncoder, make_target, mlp, two_view_forward
-from byol_ray.optim import LARS, lr_at, param_groups, peak_lr
-from byol_ray.session import LocalSession
+from byol_ray.core.ema import EMA, ema_loop_, tau_at
+from byol_ray.eval.scoring import knn_accuracy, linear_probe, topk_accuracy
+from byol_ray.training.loop import pretrain
+from byol_ray.core.loss import byol_loss, regression_loss
+from byol_ray.core.model import OnlineNetwork, ResNetEncoder, make_target, mlp, two_view_forward
+from byol_ray.core.optim import LARS, param_groups, peak_lr
+from byol_ray.core.schedules import warmup_cosine
+from byol_ray.training.session import LocalSession
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -223,21 +224,21 @@ def test_peak_lr_linear_scaling():
 
 def test_lr_warmup_then_cosine():
     T, W, peak = 100, 10, 2.0
-    warm = [lr_at(s, T, W, peak) for s in range(W)]
+    warm = [warmup_cosine(s, T, W, peak) for s in range(W)]
     steps = [b - a for a, b in zip(warm, warm[1:])]
     assert all(d == pytest.approx(peak / W) for d in steps)  # linear
     assert 0 <= warm[0] <= peak / W + 1e-12  # starts at (or one step above) 0 ...
     assert peak * (W - 1) / W - 1e-12 <= warm[-1] <= peak + 1e-12  # ... and ends at (or one step below) peak
     for s in range(W, T + 1):
         p = (s - W) / (T - W)
-        assert lr_at(s, T, W, peak) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * p)), abs=1e-12)
-    assert lr_at(W, T, W, peak) == pytest.approx(peak)
-    assert lr_at(T, T, W, peak) == pytest.approx(0.0, abs=1e-12)
-    assert lr_at(T + 5, T, W, peak) == pytest.approx(0.0, abs=1e-12)
-    assert lr_at((T + W) // 2, T, W, peak) == pytest.approx(peak / 2)
+        assert warmup_cosine(s, T, W, peak) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * p)), abs=1e-12)
+    assert warmup_cosine(W, T, W, peak) == pytest.approx(peak)
+    assert warmup_cosine(T, T, W, peak) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine(T + 5, T, W, peak) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine((T + W) // 2, T, W, peak) == pytest.approx(peak / 2)
     # No warm-up: cosine from the first step.
-    assert lr_at(0, 50, 0, 1.0) == pytest.approx(1.0)
-    assert lr_at(25, 50, 0, 1.0) == pytest.approx(0.5)
+    assert warmup_cosine(0, 50, 0, 1.0) == pytest.approx(1.0)
+    assert warmup_cosine(25, 50, 0, 1.0) == pytest.approx(0.5)
 
 
 # ---- LARS ---------------------------------------------------------------------------------------
@@ -533,13 +534,13 @@ def test_topk_accuracy_hand_made():
 
 def test_gradient_accumulation_takes_one_optimizer_and_one_ema_step():
     """Two micro-batches make one step: the target moves once, tau*xi + (1-tau)*theta_after."""
-    from byol_ray.engine import Pretrainer
+    from byol_ray.core.engine import InputSpec, Pretrainer
 
     cfg = Config.from_dict({
         "model": {"width": 8, "projector_hidden": 32, "predictor_hidden": 32, "projector_out": 16},
         "optim": {"batch_size": 16, "accumulate_steps": 2, "tau_base": 0.9, "epochs": 10},
     })
-    p = Pretrainer(cfg, 1, 10, (0.5,), (0.25,), torch.device("cpu"), steps_per_epoch=5)
+    p = Pretrainer(cfg, InputSpec(1, 10, (0.5,), (0.25,)), steps_per_epoch=5, device=torch.device("cpu"))
     p.start_epoch(0)
     before = {k: v.clone() for k, v in p.target.state_dict().items()}
     tau = p.tau()

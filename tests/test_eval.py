@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from byol_ray import encoder_source, eval_cli
-from byol_ray.checkpoint import load_state
+from byol_ray.cli import eval as eval_cli
+from byol_ray.eval import encoders as encoder_source
+from byol_ray.core.state import load_state
 from byol_ray.config import Config, DataConfig
-from byol_ray.data import ImageData, load_split
+from byol_ray.data.readers import ImageData, load_split
 from byol_ray.errors import UserError
-from byol_ray.evaluate import extract_features
-from byol_ray.finetune import balanced_subset, finetune, finetune_and_score
-from byol_ray.linear_eval import PAPER_WEIGHT_DECAYS, linear_eval, regularised_linear_eval
-from byol_ray.model import build_encoder
-from byol_ray.transfer import adapt, load_digits_splits
+from byol_ray.eval.scoring import extract_features
+from byol_ray.eval.finetune import FinetuneOptions, balanced_subset, finetune, finetune_and_score
+from byol_ray.eval.linear import PAPER_WEIGHT_DECAYS, FeatureSplit, linear_eval, regularised_linear_eval
+from byol_ray.core.model import build_encoder
+from byol_ray.data.transfer import adapt, load_digits_splits
 
 TINY_MODEL = {"width": 8, "projector_hidden": 64, "predictor_hidden": 64, "projector_out": 32}
 
@@ -54,13 +55,13 @@ def test_linear_eval_of_labels_plus_noise_scores_the_bayes_rate():
     xtr, ytr = _label_features(4000, 0.6, seed=0)
     xte, yte = _label_features(4000, 0.6, seed=1)
     bayes = 100.0 * (xte.argmax(1) == yte).float().mean().item()
-    out = linear_eval(xtr, ytr, xte, yte, lrs=(0.01, 0.1), epochs=10, seed=0, log=lambda s: None)
+    out = linear_eval(FeatureSplit(xtr, ytr, xte, yte), lrs=(0.01, 0.1), epochs=10, seed=0, log=lambda s: None)
     assert 40 < bayes < 90  # the noise level makes the problem neither trivial nor hopeless
     assert abs(out["top1"] - bayes) < 2.5
     assert out["top5"] >= out["top1"]
     assert set(out["val_top1"]) == {0.01, 0.1} and out["lr"] in (0.01, 0.1)
     # Pure noise features: chance level.
-    noise = linear_eval(torch.randn(4000, 10), ytr, torch.randn(4000, 10), yte, lrs=(0.1,), epochs=5,
+    noise = linear_eval(FeatureSplit(torch.randn(4000, 10), ytr, torch.randn(4000, 10), yte), lrs=(0.1,), epochs=5,
                         log=lambda s: None)
     assert noise["top1"] < 15
 
@@ -71,7 +72,7 @@ def test_regularised_protocol_scores_the_bayes_rate_and_picks_its_penalty_on_hel
     xtr, ytr = _label_features(2000, 0.6, seed=0)
     xte, yte = _label_features(2000, 0.6, seed=1)
     bayes = 100.0 * (xte.argmax(1) == yte).float().mean().item()
-    out = regularised_linear_eval(xtr, ytr, xte, yte, seed=0, log=lambda s: None)
+    out = regularised_linear_eval(FeatureSplit(xtr, ytr, xte, yte), seed=0, log=lambda s: None)
     assert abs(out["top1"] - bayes) < 2.5 and out["top5"] >= out["top1"]
     assert sorted(out["val_top1"]) == sorted(PAPER_WEIGHT_DECAYS) and len(PAPER_WEIGHT_DECAYS) == 45
     assert PAPER_WEIGHT_DECAYS[0] == pytest.approx(1e-6) and PAPER_WEIGHT_DECAYS[-1] == pytest.approx(1e5)
@@ -81,7 +82,7 @@ def test_regularised_protocol_scores_the_bayes_rate_and_picks_its_penalty_on_hel
     assert out["weight_decay"] == max(w for w, v in out["val_top1"].items() if v == best)
     # The penalty is applied: at 1e5 the weights are ~0, every class gets the same logit, one class is
     # predicted for every image, and the score falls to that class's share (chance).
-    crushed = regularised_linear_eval(xtr, ytr, xte, yte, weight_decays=(1e5,), log=lambda s: None)
+    crushed = regularised_linear_eval(FeatureSplit(xtr, ytr, xte, yte), weight_decays=(1e5,), log=lambda s: None)
     assert crushed["top1"] < 15 and out["val_top1"][PAPER_WEIGHT_DECAYS[-1]] < 15
 
 
@@ -101,13 +102,13 @@ def test_finetuning_changes_the_encoder_and_linear_evaluation_does_not(fmnist_ro
     mean, std = [0.29], [0.35]
 
     feats = extract_features(enc, data.images, 28, mean, std, 128)
-    linear_eval(feats[:200], data.labels[:200], feats[200:], data.labels[200:], lrs=(0.1,), epochs=2,
+    linear_eval(FeatureSplit(feats[:200], data.labels[:200], feats[200:], data.labels[200:]), lrs=(0.1,), epochs=2,
                 log=lambda s: None)
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # BN buffers included
 
     # finetune_and_score fine-tunes copies: the encoder passed in (BYOL's, reused per fraction) is intact.
     r = finetune_and_score(lambda: copy.deepcopy(enc), data.images[:200], data.labels[:200], data.images[200:],
-                           data.labels[200:], 10, 28, mean, std, lrs=[0.05], steps=3, batch_size=32,
+                           data.labels[200:], 10, 28, mean, std, lrs=[0.05], steps=3, options=FinetuneOptions(batch_size=32),
                            log=lambda s: None)
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
     tuned = r["model"][0].state_dict()
@@ -115,7 +116,7 @@ def test_finetuning_changes_the_encoder_and_linear_evaluation_does_not(fmnist_ro
     assert "conv1.weight" in changed and any("running_mean" in k for k in changed)
 
     model = finetune(enc, 10, data.images[:64], data.labels[:64], 28, mean, std, lr=0.05, steps=2,
-                     batch_size=32, log=lambda s: None)
+                     options=FinetuneOptions(batch_size=32), log=lambda s: None)
     assert model[0] is enc and not torch.equal(before["conv1.weight"], enc.conv1.weight)
 
 
@@ -144,9 +145,9 @@ def test_digits_and_channel_resolution_adaptation():
 # ---- the command, its MLflow child run --------------------------------------------------------------
 def _pretrained_checkpoint(tmp_path: Path, fmnist_root: str, monkeypatch) -> tuple[Path, str, str]:
     """A real (tiny) pretraining: an MLflow run and the loop's checkpoint under ray_results/<name>."""
-    from byol_ray.loop import pretrain
-    from byol_ray.session import LocalSession
-    from byol_ray.tracking import Tracker
+    from byol_ray.training.loop import pretrain
+    from byol_ray.training.session import LocalSession
+    from byol_ray.tracking.tracker import Tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -200,7 +201,7 @@ def test_semi_on_ray_logs_a_child_run_with_recorded_subsets(tmp_path, fmnist_roo
 
 
 def test_transfer_from_an_mlflow_model_uri(tmp_path, fmnist_root, monkeypatch):
-    from byol_ray.tracking import Tracker
+    from byol_ray.tracking.tracker import Tracker
 
     run_dir, uri, parent = _pretrained_checkpoint(tmp_path, fmnist_root, monkeypatch)
     state = load_state(sorted(run_dir.glob("checkpoint_*"))[-1])
@@ -209,7 +210,7 @@ def test_transfer_from_an_mlflow_model_uri(tmp_path, fmnist_root, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     ref = encoder_source.resolve_encoder(f"runs:/{parent}/encoder", uri, str(tmp_path))
-    assert ref.kind == "mlflow" and ref.parent_run_id == parent and ref.config == state["config"]
+    assert ref.kind == "mlflow" and ref.parent_run_id == parent and ref.config == state.config
     loaded, ch = encoder_source.load_encoder(ref)
     assert ch == channels == 1
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -14,8 +14,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from byol_ray.server import free_port
-from test_ray_train import TINY
+from byol_ray.tracking.server import free_port
+from helpers import TINY
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]

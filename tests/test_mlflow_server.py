@@ -18,21 +18,14 @@ import mlflow
 import pytest
 
 from byol_ray.config import load_config
-from byol_ray.server import MlflowServer, free_port, healthy, port_in_use
-from byol_ray.tracking import Tracker, deliver_undelivered, undelivered_path
-from test_ray_train import TINY
+from byol_ray.tracking.server import MlflowServer, free_port, healthy, port_in_use
+from byol_ray.tracking.tracker import Tracker, deliver_undelivered, undelivered_path
+from helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 SECRETS = {"AWS_SECRET_ACCESS_KEY": "aws-secret-4f9d1c", "MLFLOW_TRACKING_PASSWORD": "mlflow-pw-8e2b7a",
            "MLFLOW_TRACKING_TOKEN": "mlflow-token-3c5e0f"}
 URI_PASSWORD = "uri-pw-77d3e1"
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_tracking_uri(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +129,7 @@ def test_metrics_queued_while_the_server_is_down_are_delivered_or_reported(serve
 
 @pytest.mark.ray
 def test_training_over_http_is_read_back_and_holds_no_secret(server, ray_local, tmp_path, monkeypatch):
-    from byol_ray.train import run_training
+    from byol_ray.distributed.driver import run_training
 
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRETS["AWS_SECRET_ACCESS_KEY"]
     uri = server.url.replace("http://", f"http://byol:{URI_PASSWORD}@")
@@ -170,7 +163,7 @@ def test_training_over_http_is_read_back_and_holds_no_secret(server, ray_local, 
 def test_server_outage_mid_run_loses_no_metric(server, ray_local, tmp_path):
     """Stop the server once the driver has set the run up (before any epoch's metrics), restart it after
     two epochs were queued: every epoch's metrics end up in MLflow, and the run finishes."""
-    from byol_ray.train import run_training
+    from byol_ray.distributed.driver import run_training
 
     cfg = load_config(None, TINY + ["optim.epochs=5", f"run.output_dir={tmp_path}", "run.name=outage",
                                     f"tracking.tracking_uri={server.url}", "tracking.log_model=false"])
@@ -228,24 +221,24 @@ def test_server_down_as_the_run_ends_loses_nothing_and_a_rerun_logs_it(server, r
     the command fails with one clear paragraph (fast: the driver's marking calls make one short try), the
     run stays unfinished, and rerunning the same command once the server is back logs the results from
     the final checkpoint without training again."""
-    from byol_ray import train
-    from byol_ray.tracking import TrackingError
+    from byol_ray.distributed import driver, results
+    from byol_ray.tracking.uri import TrackingError
 
     cfg = load_config(None, TINY + [f"run.output_dir={tmp_path}", "run.name=late", f"tracking.tracking_uri={server.url}",
                                     "tracking.log_model=false"])
-    real_deliver = train.deliver_undelivered
+    real_deliver = results.deliver_undelivered
 
     def server_gone(tracker, path):
         server.stop()
         return real_deliver(tracker, path)
 
-    monkeypatch.setattr(train, "deliver_undelivered", server_gone)
+    monkeypatch.setattr(results, "deliver_undelivered", server_gone)
     # The final calls keep MLflow's retries in real runs (minutes); one try keeps the test short.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     try:
         with pytest.raises(TrackingError) as err:
-            train.run_training(cfg)
+            driver.run_training(cfg)
     finally:
         server.start()
     msg = str(err.value)
@@ -257,8 +250,8 @@ def test_server_down_as_the_run_ends_loses_nothing_and_a_rerun_logs_it(server, r
     assert run.info.status == "RUNNING" and run.info.run_id in msg
     assert "eval_table.md" not in {a.path for a in client.list_artifacts(run.info.run_id)}
 
-    monkeypatch.setattr(train, "deliver_undelivered", real_deliver)
-    out = train.run_training(cfg)
+    monkeypatch.setattr(results, "deliver_undelivered", real_deliver)
+    out = driver.run_training(cfg)
     assert out["run_id"] == run.info.run_id
     assert f"[driver] resuming MLflow run {run.info.run_id}" in capsys.readouterr().out
     after = client.get_run(run.info.run_id)
@@ -277,7 +270,7 @@ def test_safe_defaults():
 
     import ray
 
-    from byol_ray.server import build_parser
+    from byol_ray.cli.mlflow_server import build_parser
 
     package = REPO / "byol_ray"
     loads = [(p.name, line) for p in package.glob("*.py") for line in p.read_text().splitlines()

@@ -7,49 +7,20 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from byol_ray.server import free_port
-from test_ray_train import TINY
+from byol_ray.tracking.server import free_port
+from helpers import TINY, kill_cluster
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def cluster_pids(temp_dir: str) -> list[int]:
-    """This cluster's processes: every Ray process carries its temp/session dir on its command line."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if temp_dir.encode() in (d / "cmdline").read_bytes():
-                pids.append(int(d.name))
-        except OSError:
-            pass  # ended meanwhile, or not ours to read
-    return pids
-
-
-def kill_cluster(temp_dir: str) -> None:
-    """End this cluster's processes only (`ray stop` would end every Ray runtime on the machine)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in cluster_pids(temp_dir):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 5
-        while cluster_pids(temp_dir) and time.monotonic() < deadline:
-            time.sleep(0.2)
 
 
 @pytest.fixture

@@ -4,25 +4,20 @@ failure on impossible resources, and the logged model loading back."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import mlflow
 import pytest
 import torch
 
-from byol_ray.checkpoint import load_state
+from byol_ray.core.state import load_state
 from byol_ray.config import load_config
-from byol_ray.train import ResourceError, run_training
+from byol_ray.distributed.cluster import ResourceError
+from byol_ray.distributed.driver import run_training
+from helpers import TINY
 
 pytestmark = pytest.mark.ray
 
-TINY = [
-    "data.train_subset=512", "data.test_subset=256", "optim.batch_size=64", "optim.steps_per_epoch=3",
-    "optim.epochs=3", "model.width=8", "model.projector_hidden=64", "model.predictor_hidden=64",
-    "eval.linear_epochs=20", "eval.knn_k=20", "run.num_workers=2", "run.cpus_per_worker=1",
-    "run.log_every=100", "run.max_failures=0",
-]
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +32,6 @@ def ray_local():
 
 def tiny(tmp_path, *extra):
     return load_config(None, TINY + [f"run.output_dir={tmp_path}", *extra])
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_tracking_uri(monkeypatch):
-    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which the driver honours: keep tests apart.
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def search(tmp_path, **kw):
@@ -80,18 +67,18 @@ def test_two_workers_stay_in_sync_and_log_to_mlflow(ray_local, tmp_path):
     assert {"eval/byol/knn_top1", "eval/raw_pixels/linear_top1", "eval/untrained_encoder/linear_top1"} <= {
         k.removeprefix("metrics.") for k in runs.columns}
     # The logged encoder loads back and gives the checkpoint's features.
-    from byol_ray.model import OnlineNetwork
+    from byol_ray.core.model import OnlineNetwork
 
     state = final_state(out)
     online = OnlineNetwork(cfg.model, 1)
-    online.load_state_dict(state["trainer"]["online"])
+    online.load_state_dict(state.trainer["online"])
     x = torch.randn(4, 1, 28, 28)
     loaded = mlflow.pytorch.load_model(out["model_uri"])  # saved as torch.export's pt2 (no pickle)
     with torch.no_grad():
         assert torch.equal(loaded(x), online.encoder.eval()(x))
     # Online and target weights are equal on both ranks; the target differs from the online network.
-    assert not torch.equal(state["trainer"]["online"]["branch.encoder.conv1.weight"],
-                           state["trainer"]["target"]["encoder.conv1.weight"])
+    assert not torch.equal(state.trainer["online"]["branch.encoder.conv1.weight"],
+                           state.trainer["target"]["encoder.conv1.weight"])
 
 
 def test_a_diverged_replica_is_caught(ray_local, tmp_path):

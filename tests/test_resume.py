@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
-from byol_ray.checkpoint import STATE_FILE, check_compatible, load_state, save_state
+from byol_ray.core.state import STATE_FILE, TrainState, check_compatible, load_state, save_state
 from byol_ray.config import Config, ConfigError
-from byol_ray.engine import Pretrainer
-from byol_ray.loop import pretrain
-from byol_ray.session import LocalSession
+from byol_ray.core.engine import InputSpec, Pretrainer
+from byol_ray.training.loop import pretrain
+from byol_ray.training.session import LocalSession
 
 
 def tiny_cfg(**over) -> Config:
@@ -29,7 +29,7 @@ def tiny_cfg(**over) -> Config:
 
 
 def make_trainer(cfg: Config) -> Pretrainer:
-    return Pretrainer(cfg, 1, 10, (0.3,), (0.35,), torch.device("cpu"), steps_per_epoch=4)
+    return Pretrainer(cfg, InputSpec(1, 10, (0.3,), (0.35,)), steps_per_epoch=4, device=torch.device("cpu"))
 
 
 def fake_batch(seed: int, n: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -58,12 +58,15 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     for s in range(2):
         tr.train_step(fake_batch(s))
     assert tr.step == 2
-    state = {"trainer": tr.state_dict(), "config": cfg.to_dict(), "epoch": 1, "rng": {"torch": torch.get_rng_state()}}
+    state = TrainState(trainer=tr.state_dict(), epoch=1, in_channels=1, config=cfg.to_dict(),
+                       rng=torch.get_rng_state(), mlflow_run_id="abc")
     save_state(tmp_path / "ck", state)
     assert not (tmp_path / "ck" / (STATE_FILE + ".tmp")).exists()
     loaded = load_state(tmp_path / "ck")
-    assert loaded["config"] == cfg.to_dict()
-    assert Config.from_dict(loaded["config"]) == cfg
+    assert isinstance(loaded, TrainState) and loaded.config == cfg.to_dict()
+    assert (loaded.epoch, loaded.in_channels, loaded.mlflow_run_id, loaded.restarts) == (1, 1, "abc", 0)
+    assert torch.equal(loaded.rng, state.rng)
+    assert Config.from_dict(loaded.config) == cfg
 
     fresh = make_trainer(cfg)  # same seed (it drives the augmentation), empty optimiser state ...
     with torch.no_grad():  # ... and different weights
@@ -71,7 +74,7 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
             p.add_(0.5)
     assert fresh.step == 0 and not fresh.optimizer.state
     assert not torch.equal(next(fresh.online.parameters()), next(tr.online.parameters()))
-    fresh.load_state_dict(loaded["trainer"])
+    fresh.load_state_dict(loaded.trainer)
     assert fresh.step == 2
     original = dict(tensors(tr.state_dict()))
     restored = dict(tensors(fresh.state_dict()))
@@ -137,7 +140,7 @@ def test_resumed_run_continues_exactly(tmp_path, fmnist_root):
     assert out_full["eval_rows"][0].linear_top1 == out_res["eval_rows"][0].linear_top1
 
     # The epochs actually trained: the epoch-1 and final weights differ.
-    ep1 = load_state(tmp_path / "A" / "checkpoint_000001")["trainer"]["online"]
+    ep1 = load_state(tmp_path / "A" / "checkpoint_000001").trainer["online"]
     assert any(not torch.equal(ep1[k], v) for k, v in ta.online.state_dict().items() if v.is_floating_point())
 
     # A finished run resumed again trains nothing more.
@@ -162,7 +165,7 @@ def test_resumed_run_continues_exactly(tmp_path, fmnist_root):
 ])
 def test_check_compatible_rejects_a_different_config(override, field):
     cfg = tiny_cfg()
-    state = {"config": cfg.to_dict()}
+    state = TrainState(trainer={}, epoch=1, in_channels=1, config=cfg.to_dict(), rng=torch.get_rng_state())
     check_compatible(state, cfg)  # the same config resumes
     # Run, evaluation and tracking settings may change between attempts.
     check_compatible(state, cfg.replace({"run.log_every": 7, "eval.knn_k": 3, "tracking.enabled": True,
@@ -176,7 +179,7 @@ def test_pretrain_refuses_an_incompatible_checkpoint(tmp_path, fmnist_root):
     cfg = tiny_cfg(**{"data.root": fmnist_root})
     trainer_state = make_trainer(cfg.replace({"data.image_size": 28})).state_dict()
     other = cfg.replace({"model.width": 16})
-    save_state(tmp_path / "checkpoint_000001", {
-        "trainer": trainer_state, "epoch": 1, "config": other.to_dict(), "rng": {"torch": torch.get_rng_state()}})
+    save_state(tmp_path / "checkpoint_000001", TrainState(trainer=trainer_state, epoch=1, in_channels=1,
+                                                          config=other.to_dict(), rng=torch.get_rng_state()))
     with pytest.raises(ConfigError, match="model.width"):
         pretrain(cfg, LocalSession(tmp_path))

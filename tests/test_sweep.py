@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from byol_ray.report import ablation_table, to_markdown
-from byol_ray.sweep import stopped_on_purpose
+from byol_ray.tracking.report import ablation_table, to_markdown
+from byol_ray.tracking.sweeps import stopped_on_purpose
 from byol_ray.sweep_spec import SweepError, SweepSpec, Variant, load_sweep, presets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,13 +53,6 @@ def children(tmp_path: Path) -> pd.DataFrame:
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["byol-ray"])
     return runs[runs["tags.byol_ray.role"] == "trial"]
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_tracking_uri(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 # ---- sweep files -----------------------------------------------------------------------------------
@@ -161,7 +154,7 @@ def test_ablation_table_with_one_seed_says_so():
 def test_tiny_sweep_logs_parent_children_report_and_stops_collapse(tmp_path, fmnist_root):
     import ray
 
-    from byol_ray.sweep import run_sweep
+    from byol_ray.distributed.sweep import run_sweep
 
     path = write_sweep(tmp_path, [{"name": "byol", "paper": 72.5}, {"name": "collapse", "set": COLLAPSING,
                                                                      "paper": 0.2}],

@@ -1,0 +1,256 @@
+"""One BYOL replica: online and target networks, optimiser, EMA, augmentation and the training step.
+
+It knows nothing of Ray or MLflow. Distributed data parallelism enters only through ``torch.distributed``
+(DDP for the online network, a few small all-reduces): the same object trains in-process, in one Ray
+Train worker or in many.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config, ConfigError
+from ..data.augment import TwoViews
+from ..seeding import epoch_seed
+from .ema import EMA, tau_at
+from .loss import byol_loss
+from .model import OnlineNetwork, make_target, two_view_forward, unwrap
+from .optim import build_optimizer, peak_lr, set_lr
+from .schedules import warmup_cosine
+
+
+@dataclass
+class StepStats:
+    loss: float
+    probe_loss: float
+    probe_correct: int
+    probe_count: int
+    repr_std: float
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a replica needs to know of its training images: channels, classes (for the online probe) and
+    the per-channel mean/std the views are normalised with."""
+
+    channels: int
+    n_classes: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def pick_device(cfg: Config, local_rank: int = 0) -> torch.device:
+    if cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("run.device=cuda but no CUDA device is visible to this worker")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+class Pretrainer:
+    """One data-parallel replica: online and target networks, LARS, EMA, views and the online probe."""
+
+    def __init__(self, cfg: Config, inputs: InputSpec, *, steps_per_epoch: int, device: torch.device,
+                 rank: int = 0, world_size: int = 1):
+        self.cfg = cfg
+        self.device = device
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * cfg.optim.epochs
+        self.warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+        self.peak_lr = peak_lr(cfg.optim)
+        self.step = 0
+
+        # Same seed on every rank: identical initial weights even before DDP's broadcast.
+        torch.manual_seed(cfg.run.seed)
+        online = OnlineNetwork(cfg.model, inputs.channels).to(device)
+        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        online = online.to(memory_format=self.memory_format)
+        if device.type == "cuda" and world_size > 1 and cfg.model.sync_batchnorm:
+            online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+        if world_size > 1:
+            # No per-forward buffer broadcast: BatchNorm buffers are averaged explicitly after each step.
+            online = nn.parallel.DistributedDataParallel(
+                online, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+        self.online = online
+        # The target starts as a copy of the (DDP-broadcast) online weights.
+        self.target = make_target(unwrap(online)).to(device)
+        if cfg.run.precision != "fp32" and device.type != "cuda":
+            raise ConfigError(f"run.precision: {cfg.run.precision} autocast is for GPUs only, this worker runs on "
+                              f"{device}; set run.precision=fp32")
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.run.precision]
+        if cfg.run.compile:
+            # In place (nn.Module.compile): parameter names, state dicts, DDP and the EMA's tensor lists
+            # are those of the uncompiled modules.
+            unwrap(online).compile()
+            self.target.compile()
+        self.ema = EMA(unwrap(online).branch, self.target, cfg.model.target_bn)
+        # Every float buffer of the online network (encoder, projector and predictor BatchNorm).
+        self._online_fbufs = [b for b in unwrap(online).buffers() if b.is_floating_point()]
+        self.optimizer = build_optimizer(unwrap(online), cfg.optim)
+        # Online linear probe on detached representations (eval.online_probe): a cheap accuracy monitor,
+        # trained with its own optimiser and its gradients averaged over workers so it is identical on
+        # every rank.
+        self.probe = self.probe_opt = None
+        if cfg.eval.online_probe:
+            self.probe = nn.Linear(unwrap(online).encoder.out_dim, inputs.n_classes).to(device)
+            self.probe_opt = torch.optim.Adam(self.probe.parameters(), lr=1e-3)
+        self.views = TwoViews(cfg.augment, cfg.data.image_size, inputs.mean, inputs.std)
+        self.generator = torch.Generator(device=device)
+
+    # ---- schedules ------------------------------------------------------------------------------
+    def lr(self) -> float:
+        return warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
+
+    def tau(self) -> float:
+        o = self.cfg.optim
+        return tau_at(self.step, self.total_steps, o.tau_base, o.tau_schedule)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(epoch_seed(self.cfg.run.seed, self.rank, epoch, "augment"))
+
+    # ---- the step -------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepStats:
+        """One optimiser step over this worker's micro-batches (gradient accumulation), then one EMA step."""
+        self.online.train()
+        self.target.train()
+        lr, tau = self.lr(), self.tau()
+        set_lr(self.optimizer, lr)
+        n_micro = len(micro_batches)
+        total_loss = probe_loss_sum = 0.0
+        probe_correct = probe_count = 0
+        repr_std = 0.0
+        for i, (images, labels) in enumerate(micro_batches):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            v1, v2 = (v.contiguous(memory_format=self.memory_format) for v in self.views(images, self.generator))
+            # All-reduce gradients only on the last micro-batch of the step.
+            sync = (i == n_micro - 1) or not isinstance(self.online, nn.parallel.DistributedDataParallel)
+            ctx = contextlib.nullcontext() if sync else self.online.no_sync()
+            with ctx:
+                y1, z1, loss = self.forward_loss(v1, v2)
+                (loss / n_micro).backward()
+            total_loss += loss.item() / n_micro
+            repr_std += representation_std(z1) / n_micro
+            pl, pc, pn = self._probe_backward(y1.detach(), labels, n_micro)
+            probe_loss_sum += pl
+            probe_correct += pc
+            probe_count += pn
+        if self.cfg.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._probe_step()
+        self._sync_online_buffers()
+        self.ema.update(tau)
+        self.step += 1
+        return StepStats(total_loss, probe_loss_sum, probe_correct, probe_count, repr_std)
+
+    def autocast(self):
+        """bf16 autocast for the forward passes on GPUs (run.precision); nothing at all in fp32."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def forward_loss(self, v1: torch.Tensor, v2: torch.Tensor):
+        """Online network on both views, target network on both views (no grad), the BYOL loss.
+        Returns (representation of view 1, projection of view 1, loss); the loss is computed in fp32."""
+        with self.autocast():
+            y1, _, z1, _, q1, q2 = self.online(v1, v2)
+            with torch.no_grad():
+                _, _, t1, t2 = two_view_forward(self.target, v1, v2, self.cfg.model.separate_view_forward)
+        # .float() returns the tensor itself in fp32, so the fp32 path is unchanged.
+        loss = byol_loss(q1.float(), q2.float(), t1.float(), t2.float())
+        return y1.float(), z1, loss
+
+    def _probe_backward(self, feats: torch.Tensor, labels: torch.Tensor, n_micro: int):
+        keep = labels >= 0
+        if self.probe is None or not keep.any():
+            return 0.0, 0, 0
+        logits = self.probe(feats[keep])
+        loss = F.cross_entropy(logits, labels[keep])
+        (loss / n_micro).backward()
+        correct = (logits.argmax(1) == labels[keep]).sum().item()
+        return loss.item() / n_micro, correct, int(keep.sum().item())
+
+    def _probe_step(self) -> None:
+        if self.probe is None:
+            return
+        grads = [p.grad for p in self.probe.parameters() if p.grad is not None]
+        if not grads:
+            return
+        allreduce_mean_(grads)
+        self.probe_opt.step()
+        self.probe_opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def _sync_online_buffers(self) -> None:
+        """Average the online BatchNorm running statistics over workers (each rank saw its own shard), so
+        the EMA of them, and hence the target, is identical everywhere. One small all-reduce per step."""
+        allreduce_mean_(self._online_fbufs)
+
+    # ---- state ----------------------------------------------------------------------------------
+    @property
+    def encoder(self) -> nn.Module:
+        return unwrap(self.online).encoder
+
+    def state_dict(self) -> dict:
+        out = {
+            "online": unwrap(self.online).state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+        }
+        if self.probe is not None:
+            out.update(probe=self.probe.state_dict(), probe_optimizer=self.probe_opt.state_dict())
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.online).load_state_dict(state["online"])
+        self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.probe is not None:
+            self.probe.load_state_dict(state["probe"])
+            self.probe_opt.load_state_dict(state["probe_optimizer"])
+        self.step = int(state["step"])
+
+    @torch.no_grad()
+    def checksums(self) -> dict[str, float]:
+        """A float64 sum per tensor of the online and target networks: compared across workers."""
+        out = {}
+        for prefix, module in (("online", unwrap(self.online)), ("target", self.target)):
+            for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+                out[f"{prefix}.{name}"] = t.detach().double().sum().item()
+        return out
+
+
+@torch.no_grad()
+def allreduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average tensors over workers in place with one all-reduce of their concatenation."""
+    if not distributed() or not tensors:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def representation_std(z: torch.Tensor) -> float:
+    """Mean per-dimension std of L2-normalised outputs, times sqrt(dim): ~1 when spread out, 0 when
+    collapsed to a point (the collapse monitor of the paper's discussion and of SimSiam)."""
+    zn = F.normalize(z.detach().float(), dim=1)
+    return (zn.std(dim=0).mean() * zn.shape[1] ** 0.5).item()

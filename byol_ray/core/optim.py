@@ -1,0 +1,92 @@
+"""LARS (with the paper's exclusions), the alternatives, and the peak learning rate (the schedule is
+`schedules.warmup_cosine`)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..config import OptimConfig
+
+
+def is_excluded(name: str, param: nn.Parameter) -> bool:
+    """Biases and BatchNorm parameters (every 1-d tensor) get neither weight decay nor LARS adaptation."""
+    return param.ndim <= 1
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    regular, excluded = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (excluded if is_excluded(name, p) else regular).append(p)
+    return [
+        {"params": regular, "weight_decay": weight_decay, "lars_adapt": True},
+        {"params": excluded, "weight_decay": 0.0, "lars_adapt": False},
+    ]
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in the BYOL/SimCLR code: per-tensor trust ratio eta*||w||/||g + wd*w||, then SGD momentum.
+
+    update = lr * (momentum buffer), buffer = momentum * buffer + trust * (g + wd * w). Groups with
+    ``lars_adapt=False`` (biases, BatchNorm) skip both weight decay (set to 0 by ``param_groups``) and
+    the trust ratio. Uses multi-tensor ops so the step costs a few kernels, not one per tensor.
+    """
+
+    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 1e-3):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, lars_adapt=True)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            if group["lars_adapt"]:
+                p_norm = torch._foreach_norm(params)
+                g_norm = torch._foreach_norm(grads)
+                eta = group["trust_coefficient"]
+                trust = [
+                    torch.where((pn > 0) & (gn > 0), eta * pn / gn, torch.ones_like(pn))
+                    for pn, gn in zip(p_norm, g_norm)
+                ]
+                grads = torch._foreach_mul(grads, trust)
+            bufs = []
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    lr = peak_lr(cfg)
+    if cfg.optimizer == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def peak_lr(cfg: OptimConfig) -> float:
+    """The paper's linear scaling rule: lr = base_lr * batch_size / 256."""
+    return cfg.base_lr * cfg.batch_size / 256.0
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr

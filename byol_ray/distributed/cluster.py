@@ -1,0 +1,127 @@
+"""The Ray cluster, in one place: checking an address, connecting, what a worker needs, whether the
+cluster can ever hold the worker group, asking an autoscaler for it, and running one remote task.
+
+Ray never fails a request that cannot be met: it waits forever ("Attempting to start training worker
+group..."). Everything here fails in seconds instead, with a paragraph that says what to change.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Callable
+
+import ray
+
+from ..config import Config
+from ..errors import UserError
+
+
+class ResourceError(UserError):
+    pass
+
+
+_FIX_ADDRESS = ("Start the cluster (`ray start --head`), fix run.address (host:port of the head, 6379 by "
+                "default; ray://host:10001 for Ray Client), or leave run.address empty to start a local Ray.")
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when `address` does not answer: ray.init retries an unreachable address for many
+    minutes. ("auto", "local" and "" need no check: they find or start a cluster.)"""
+    if address in ("", "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"run.address={address!r} is not host:port. {_FIX_ADDRESS}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UserError(f"the Ray cluster at run.address={address!r} does not answer ({e}). {_FIX_ADDRESS}") from None
+
+
+def connect(address: str = "") -> bool:
+    """ray.init unless already connected; returns whether this call connected (so the caller shuts down)."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address or None, log_to_driver=True)
+    except ConnectionError as e:
+        raise UserError(
+            f"cannot connect to the Ray cluster at {address!r} ({e}). Start one with `ray start --head`, or "
+            f"leave the address empty to start a local Ray."
+        ) from None
+    return True
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if cfg.run.device == "cuda" or cfg.run.gpus_per_worker > 0:
+        resources["GPU"] = cfg.run.gpus_per_worker or 1.0
+    return resources
+
+
+def _live_nodes() -> list[dict[str, float]]:
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def _node_capacities(cfg: Config) -> list[tuple[float, float, int]]:
+    """(CPUs, GPUs, workers that fit) for each live node; a worker cannot span nodes."""
+    need_gpu = worker_resources(cfg).get("GPU", 0.0)
+    out = []
+    for res in _live_nodes():
+        cpu, gpu = res.get("CPU", 0.0), res.get("GPU", 0.0)
+        by_cpu = int(cpu // cfg.run.cpus_per_worker + 1e-9)
+        by_gpu = int(gpu // need_gpu + 1e-9) if need_gpu else by_cpu
+        out.append((cpu, gpu, min(by_cpu, by_gpu)))
+    return out
+
+
+def worker_capacity(cfg: Config) -> int:
+    """How many of this config's workers the cluster holds at once."""
+    return sum(fit for _, _, fit in _node_capacities(cfg))
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail in seconds when the cluster can never hold the worker group (Ray would wait forever)."""
+    r = cfg.run
+    need_gpu = worker_resources(cfg).get("GPU", 0.0)
+    nodes = _node_capacities(cfg)
+    fit = sum(f for _, _, f in nodes)
+    if fit < r.num_workers:
+        total_cpu = sum(c for c, _, _ in nodes)
+        total_gpu = sum(g for _, g, _ in nodes)
+        raise ResourceError(
+            f"the Ray cluster cannot hold {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU"
+            + (f" + {need_gpu:g} GPU" if need_gpu else "")
+            + f": its {len(nodes)} node(s) have {total_cpu:g} CPUs and {total_gpu:g} GPUs in all, room for "
+            f"{fit} such worker(s). Lower run.num_workers / run.cpus_per_worker / run.gpus_per_worker, or "
+            f"add nodes (for a local cluster: ray start --head --num-cpus N)."
+        )
+
+
+def request_worker_group(cfg: Config) -> None:
+    """On an autoscaling cluster: ask for the whole worker group up front, so GPU nodes start now."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[worker_resources(cfg)] * cfg.run.num_workers)
+
+
+def reserve_worker_group(cfg: Config) -> None:
+    """Connected to the cluster: make sure the worker group will start (ask an autoscaler, or check)."""
+    connect(cfg.run.address)
+    if cfg.run.autoscaling:
+        request_worker_group(cfg)
+    else:
+        check_resources(cfg)
+
+
+def run_remote(fn: Callable[[Any], Any], arg: Any, address: str, cpus: float, gpus: float) -> Any:
+    """`fn(arg)` as one Ray task with these resources, checked against the cluster first (Ray would wait)."""
+    started = connect(address)
+    try:
+        if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in _live_nodes()):
+            raise ResourceError(f"no node of the Ray cluster has {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
+                                + " free for the task. Lower --cpus/--gpus or add a node.")
+        return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus)(fn).remote(arg))
+    finally:
+        if started:
+            ray.shutdown()

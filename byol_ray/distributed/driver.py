@@ -1,0 +1,95 @@
+"""Pretraining on Ray Train: what each worker runs, and the driver that starts them.
+
+Like Ray's own Train examples: `train_loop_per_worker` runs the plain per-worker loop
+(``training.loop.pretrain``) in every worker; `run_training` checks everything it can before asking Ray
+for anything (``preflight``), opens or resumes the MLflow run, fits a `TorchTrainer` and hands the result
+to ``results.finish_run``. Rerunning the same ``run.name`` resumes its latest checkpoint and continues
+the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from ..config import Config
+from ..tracking.tracker import Tracker, open_training_run, undelivered_path
+from ..training.loop import log, pretrain
+from .cluster import reserve_worker_group, worker_resources
+from .preflight import preflight, storage_path
+from .results import finish_run
+from .session import RaySession
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: the per-worker loop with a Ray session and, on rank 0, the MLflow
+    writer for per-epoch metrics (its spool keeps what an unreachable server could not take; the driver
+    delivers it at the end)."""
+    cfg = Config.from_dict(loop_config["config"])
+    quiet_ray_train_reports()
+    session = RaySession()
+    log(f"[worker] rank {session.rank} of {session.world_size} on node {ray.get_runtime_context().get_node_id()}")
+    run_id = loop_config.get("mlflow_run_id", "")
+    tracker = (Tracker(loop_config["tracking_uri"], run_id, spool=loop_config.get("undelivered_path") or None)
+               if (run_id and session.rank == 0) else None)
+    pretrain(cfg, session, tracker, run_id)
+    if tracker is not None:
+        tracker.flush()
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report (the whole metrics dict) and checkpoint at INFO in each worker; the loop
+    prints its own one-line progress, so keep Ray's to warnings. Internal logger names: best effort."""
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:
+        return
+    for module in (context, storage):
+        logging.getLogger(module.__name__).setLevel(logging.WARNING)
+
+
+def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "",
+                 callbacks: list | None = None) -> dict[str, Any]:
+    """Driver: preflight, MLflow run, TorchTrainer.fit, model and evaluation table logged at the end.
+
+    `callbacks` go to Ray Train's RunConfig (a sweep passes Tune's TuneReportCallback); `parent_run_id`
+    makes the MLflow run a child (a sweep trial, under the sweep's run).
+    """
+    uri = preflight(cfg)
+    reserve_worker_group(cfg)
+    tracker = open_training_run(cfg, tags, parent_run_id) if cfg.tracking.enabled else None
+    resources = worker_resources(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "mlflow_run_id": tracker.run_id if tracker else "",
+            "tracking_uri": uri,
+            "undelivered_path": str(undelivered_path(cfg)),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu="GPU" in resources,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path(cfg),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks or None,
+        ),
+    )
+    t0 = time.time()
+    try:
+        return finish_run(cfg, tracker, trainer.fit(), time.time() - t0)
+    except BaseException as e:
+        # Never leave the MLflow run RUNNING: a rerun of the same run.name resumes it (either way).
+        # Best effort: the error being raised matters more than one the tracking server adds.
+        if tracker:
+            # SystemExit: Ray's SIGTERM (e.g. Tune stopping a trial early), not a failure of the run.
+            tracker.end_after_error("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED",
+                                    f"{type(e).__name__}: {e}")
+        raise

@@ -1,0 +1,142 @@
+"""One of the paper's ablations as a Ray Tune sweep (``byol-ray sweep``).
+
+Every trial is a full Ray Train run (the same `driver.run_training` as `byol-ray train`), started from a
+Tune function trainable: the pattern Ray 2.60 supports (``Tuner(trainer)`` is deprecated). Each trial is
+an MLflow child run of one parent run per sweep. Rerunning the same command resumes the sweep: Tune
+restores its experiment, finished trials are not rerun, and an interrupted trial resumes its Ray Train
+run from its last checkpoint and continues its MLflow run. At the end the ablation table is built
+(``tracking/report.py``), printed, and logged to the parent run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from ..config import Config
+from ..errors import UserError
+from ..sweep_spec import SweepSpec
+from ..tracking.report import build_report
+from ..tracking.sweeps import finished_trial_metrics, open_parent, settle_children, trial_tags
+from .cluster import reserve_worker_group, worker_capacity
+from .driver import run_training
+from .preflight import preflight, storage_path
+
+# The trial function only waits on its Ray Train run. Tune cannot schedule it on nothing, and any CPU
+# share (even the 0.01 often suggested) leaves a 2-CPU node 1.98 CPUs: one 1-CPU worker group fewer than
+# the trials Tune starts, which then wait. Memory is a resource too, and reserving 64 MiB of it costs no CPU.
+TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 2**20}
+
+
+def trial_key(variant: str, seed: int) -> str:
+    return json.dumps([variant, seed])
+
+
+def trial_fn(config: dict[str, Any], trials: dict[str, dict[str, Any]], parent_run_id: str,
+             tags: dict[str, dict[str, str]]) -> None:
+    """One Tune trial: a Ray Train run of one (variant, seed), its metrics forwarded to Tune each epoch."""
+    key = config["trial"]
+    cfg = Config.from_dict(trials[key])
+    done = finished_trial_metrics(cfg, parent_run_id)
+    if done is not None:
+        # Finished before an interruption that Tune's own state did not record yet: never train it twice.
+        print(f"[sweep] {cfg.run.name} already finished in MLflow; not rerun", flush=True)
+        tune.report(done)
+        return
+    run_training(cfg, tags=tags[key], parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
+
+
+def max_concurrent_trials(cfg: Config) -> int:
+    """As many trials as the cluster holds worker groups at once (at least 1)."""
+    return max(1, worker_capacity(cfg) // cfg.run.num_workers)
+
+
+def run_sweep(spec: SweepSpec, cli_overrides: list[str], fresh: bool = False,
+              max_concurrent: int = 0) -> dict[str, Any]:
+    # Every trial's config was validated by load_sweep; the first one stands for the sweep's storage,
+    # tracking and resources until the parent run (and so the trials' names) exists.
+    base = spec.trial_config(spec.variants[0].name, spec.seeds[0], cli_overrides)
+    if not base.tracking.enabled:
+        raise UserError("a sweep records its trials as MLflow runs and builds its table from them: "
+                        "remove tracking.enabled=false")
+    uri = preflight(base)
+    out_dir = base.output_dir / f"sweep-{spec.name}"
+    tracker, finished = open_parent(spec, base, cli_overrides, fresh, out_dir)
+    if finished:
+        print(f"[sweep] sweep {spec.name!r} already finished (MLflow run {tracker.run_id}); its table follows. "
+              f"Use --fresh to run it again.", flush=True)
+        return build_report(tracker, out_dir)
+
+    # Names carry the parent run's id: a --fresh sweep never resumes the old sweep's Ray Train runs.
+    instance = tracker.run_id[:8]
+    trials_cfg = {trial_key(v.name, s): spec.trial_config(v.name, s, cli_overrides, instance=instance)
+                  for v in spec.variants for s in spec.seeds}
+    tags = {trial_key(v.name, s): trial_tags(spec, v.name, s) for v in spec.variants for s in spec.seeds}
+    try:
+        reserve_worker_group(base)
+        if base.run.autoscaling:
+            concurrency = max_concurrent or len(trials_cfg)
+        else:
+            concurrency = max_concurrent or max_concurrent_trials(base)
+        print(f"[sweep] {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = {len(trials_cfg)} "
+              f"trials, {concurrency} at a time; MLflow {uri}", flush=True)
+
+        trainable = tune.with_resources(
+            tune.with_parameters(trial_fn, trials={k: c.to_dict() for k, c in trials_cfg.items()},
+                                 parent_run_id=tracker.run_id, tags=tags),
+            TRIAL_DRIVER_RESOURCES,
+        )
+        scheduler = None
+        if spec.asha.enabled:
+            # max_t one past the last epoch: ASHA stops every trial that reaches max_t, which would kill the
+            # ones that completed while their driver still logs the table and ends the MLflow run.
+            scheduler = ASHAScheduler(time_attr="epoch", metric=spec.asha.metric, mode="max",
+                                      max_t=base.optim.epochs + 1, grace_period=spec.asha.grace_epochs,
+                                      reduction_factor=spec.asha.reduction_factor)
+        exp_name = f"sweep-{spec.name}-{instance}"
+        exp_path = Path(storage_path(base)) / exp_name
+        t0 = time.time()
+        if tune.Tuner.can_restore(str(exp_path)):
+            print(f"[sweep] restoring Tune experiment {exp_path}", flush=True)
+            tuner = tune.Tuner.restore(str(exp_path), trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search(list(trials_cfg))},
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler),
+                run_config=tune.RunConfig(name=exp_name, storage_path=storage_path(base), verbose=1,
+                                          failure_config=tune.FailureConfig(max_failures=0)),
+            )
+        grid = tuner.fit()
+        wall = time.time() - t0
+    except BaseException as e:
+        tracker.end_after_error("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{type(e).__name__}: {e}")
+        raise
+
+    if grid.num_terminated + grid.num_errors < len(trials_cfg):
+        # Ctrl-C: Tune stops gracefully and returns; what ran is saved for the resume.
+        settle_children(tracker, "sweep interrupted")
+        tracker.end("KILLED")
+        print(f"[sweep] interrupted with {grid.num_terminated} of {len(trials_cfg)} trials done; rerun the same "
+              f"command to resume (finished trials are kept)", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
+    errors = [r for r in grid if r.error is not None]
+    stopped = settle_children(tracker, "asha" if spec.asha.enabled else "ended early")
+    tracker.set_tags({"wall_seconds": f"{wall:.0f}", "trials_errored": str(len(errors)),
+                      "trials_stopped_early": str(len(stopped))})
+    report = build_report(tracker, out_dir)
+    if errors:
+        tracker.end("FAILED")
+        msgs = "; ".join(f"{r.config.get('trial')}: {str(r.error).splitlines()[0][:300]}" for r in errors[:5])
+        raise UserError(f"sweep {spec.name!r}: {len(errors)} of {len(trials_cfg)} trial(s) failed ({msgs}). "
+                        f"Fix the cause and rerun the same command: finished trials are kept, failed ones rerun.")
+    tracker.end("FINISHED")
+    print(f"[sweep] {spec.name} done in {wall / 60:.1f} min; MLflow parent run {tracker.run_id}", flush=True)
+    return report

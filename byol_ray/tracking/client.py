@@ -1,0 +1,81 @@
+"""The MLflow client, experiments, and MLflow's process-wide settings kept to the calls that need them.
+
+MLflow reads its tracking URI and HTTP retry settings from process-wide state (``mlflow.set_tracking_uri``
+exports ``MLFLOW_TRACKING_URI``; the retry settings are environment variables). Nothing here changes
+that state for good: the few fluent-API calls that have no ``tracking_uri`` argument run inside
+`tracking_uri_scope`, and the short-retry calls inside `short_http`, both of which restore what was there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+# One try, 10 s at most, instead of MLflow's default of 7 retries with exponential back-off and a 120 s
+# timeout: for calls that must not stall training (or an error on its way up) while a server is down.
+_SHORT_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def client(uri: str):
+    """An MlflowClient bound to `uri` (Ray actors do not inherit a tracking URI set elsewhere)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def get_or_create_experiment(c, name: str) -> str:
+    """The id of experiment `name`, created if it does not exist yet."""
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp else c.create_experiment(name)
+
+
+def delivery_errors() -> tuple[type[BaseException], ...]:
+    """What a call to an unreachable or failing tracking server (or a locked SQLite file) raises."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, requests.exceptions.RequestException, OSError)
+
+
+def mlflow_errors() -> tuple[type[BaseException], ...]:
+    """What MLflow raises for a missing run, model or artifact."""
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException,)
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def short_http() -> contextlib.AbstractContextManager[None]:
+    """MLflow's HTTP calls inside make one short try (MLflow reads these settings on every request)."""
+    return _env(_SHORT_HTTP)
+
+
+@contextlib.contextmanager
+def tracking_uri_scope(uri: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at `uri` inside the block only; what was there before is restored."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI
+    try:
+        yield
+    finally:
+        # None returns MLflow to reading the environment (and unsets the variable), which then gets
+        # back its previous value.
+        mlflow.set_tracking_uri(None)
+        if previous is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous

@@ -1,0 +1,262 @@
+"""The one MLflow writer.
+
+Every MLflow call of the project goes through here, with the tracking URI passed explicitly (Ray actors do
+not inherit ``mlflow.set_tracking_uri``), and only one process writes to a run at a time: the driver
+creates the run and logs params/tags, rank 0 of the workers logs per-epoch metrics while the driver
+waits, and the driver logs the model and artifacts at the end.
+
+A tracking server can go away in the middle of a run. The workers' writer (`Tracker(..., spool=path)`)
+then does not hold training up: each call tries once with a short timeout, queues what failed, retries
+the queue on the next call, and keeps the queue in a JSON-lines file (`undelivered_metrics.jsonl` in the
+run's output folder) so that nothing is lost even if the worker dies. At the end the driver delivers
+that file if the server is back, or reports where it is (`deliver_undelivered`).
+
+Nothing secret reaches MLflow or the logs through here: a password in a URI is masked (`redact`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from .client import client, delivery_errors, get_or_create_experiment, short_http, tracking_uri_scope
+from .uri import redact, resolve_tracking_uri
+
+RUN_NAME_TAG = "byol_ray.run_name"
+UNDELIVERED_FILE = "undelivered_metrics.jsonl"
+_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment_tags(world_size: int) -> dict[str, str]:
+    return {
+        "git_commit": git_commit(),
+        "torch_version": _version("torch"),
+        "ray_version": _version("ray"),
+        "mlflow_version": _version("mlflow"),
+        "python_version": platform.python_version(),
+        "world_size": str(world_size),
+    }
+
+
+def _read_spool(path: Path | None) -> list[dict[str, Any]]:
+    if path is None or not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))  # a line torn by a crash mid-write is skipped, not fatal
+    return out
+
+
+def _write_spool(path: Path, pending: list[dict[str, Any]]) -> None:
+    if not pending:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in pending))
+    os.replace(tmp, path)  # atomic: a crash never leaves half a queue
+
+
+class Tracker:
+    """Writes to one MLflow run, addressed by id; safe to construct in any process.
+
+    With `spool` (the workers' writer), metrics survive a tracking-server outage: see the module doc.
+    """
+
+    def __init__(self, uri: str, run_id: str, spool: str | os.PathLike | None = None):
+        self.uri = uri
+        self.run_id = run_id
+        self.client = client(uri)
+        self.spool = Path(spool) if spool else None
+        # Metrics a previous worker of this run could not deliver (it died, or the server was down).
+        self.pending: list[dict[str, Any]] = _read_spool(self.spool)
+        self._warned = False
+
+    @classmethod
+    def start(cls, cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "",
+              run_name: str = "") -> "Tracker":
+        """Create a new run in the config's experiment, with the resolved config as params."""
+        uri = resolve_tracking_uri(cfg)
+        c = client(uri)
+        exp_id = get_or_create_experiment(c, cfg.tracking.experiment)
+        all_tags = {RUN_NAME_TAG: cfg.run.name, **(tags or {})}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = c.create_run(exp_id, tags=all_tags, run_name=run_name or cfg.run.name)
+        t = cls(uri, run.info.run_id)
+        t.log_params(cfg.flat())
+        return t
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(redact(v))[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit is 100 params
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        if self.spool is None:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+            return
+        self.pending += [{"run_id": self.run_id, "key": k, "value": float(v), "timestamp": ts, "step": step}
+                         for k, v in metrics.items()]
+        self.flush()
+
+    def flush(self) -> int:
+        """Send the queued metrics (one short try); returns how many are still undelivered."""
+        try:
+            with short_http():
+                self._send_pending()
+            if self._warned:
+                print(f"[mlflow] {redact(self.uri)} is reachable again; queued metrics delivered", flush=True)
+                self._warned = False
+        except delivery_errors() as e:
+            if not self._warned:
+                print(f"[mlflow] cannot reach {redact(self.uri)} ({type(e).__name__}); training goes on, metrics "
+                      f"are queued, retried every epoch and kept in {self.spool}", file=sys.stderr, flush=True)
+                self._warned = True
+        if self.spool is not None:
+            _write_spool(self.spool, self.pending)
+        return len(self.pending)
+
+    def _send_pending(self) -> None:
+        """The queue, run by run, in MLflow-sized batches; each batch leaves the queue once it is sent."""
+        from mlflow.entities import Metric
+
+        while self.pending:
+            run_id = self.pending[0]["run_id"]
+            batch = [m for m in self.pending if m["run_id"] == run_id][:_METRICS_PER_BATCH]
+            self.client.log_batch(run_id, metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"])
+                                                   for m in batch])
+            sent = {id(m) for m in batch}
+            self.pending = [m for m in self.pending if id(m) not in sent]
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_model(self, model, name: str = "encoder", input_example=None) -> str:
+        """The trained encoder as an MLflow PyTorch model; returns its model URI."""
+        import mlflow
+        import mlflow.pytorch
+
+        # log_model has no tracking_uri or run_id argument: it logs to the fluent API's active run.
+        with tracking_uri_scope(self.uri), mlflow.start_run(run_id=self.run_id):
+            # pt2 (torch.export) rather than pickle: loading it back cannot run arbitrary code.
+            info = mlflow.pytorch.log_model(model, name=name, input_example=input_example,
+                                            serialization_format="pt2")
+        return info.model_uri
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+    def end_after_error(self, status: str, error: str) -> bool:
+        """Best effort, one short try per call: tag the error and end the run with `status`.
+
+        Used while an error is already on its way up; a tracking server that is down must not hold it
+        up for MLflow's minutes of retries. Returns whether the run was marked.
+        """
+        try:
+            with short_http():
+                self.client.set_tag(self.run_id, "error", redact(error)[:5000])
+                self.client.set_terminated(self.run_id, status=status)
+            return True
+        except delivery_errors() as e:
+            print(f"[mlflow] could not mark run {self.run_id} {status} at {redact(self.uri)} "
+                  f"({type(e).__name__}); it stays RUNNING until the same command is rerun", file=sys.stderr,
+                  flush=True)
+            return False
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+
+def find_run_by_name(cfg: Config, unfinished_only: bool = False) -> str:
+    """The id of the newest run of this experiment with our run-name tag ('' if none); with
+    `unfinished_only`, only a run that did not finish (its driver died, or it failed), to resume it."""
+    c = client(resolve_tracking_uri(cfg))
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return ""
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs or (unfinished_only and runs[0].info.status == "FINISHED"):
+        return ""
+    return runs[0].info.run_id
+
+
+def undelivered_path(cfg: Config) -> Path:
+    return cfg.output_dir / cfg.run.name / UNDELIVERED_FILE
+
+
+def deliver_undelivered(tracker: Tracker, path: str | os.PathLike) -> str:
+    """Driver, end of run: send what the workers could not (with MLflow's usual patience); returns a
+    one-line report, '' when there was nothing to deliver. What still fails stays in the file."""
+    late = Tracker(tracker.uri, tracker.run_id, spool=path)
+    if not late.pending:
+        return ""
+    n = len(late.pending)
+    # The driver's own client retries for minutes: a server restarting at the end still gets them.
+    late.client = tracker.client
+    try:
+        late._send_pending()
+    except delivery_errors() as e:
+        _write_spool(Path(path), late.pending)
+        return (f"[mlflow] {len(late.pending)} of {n} metric values could not be sent to {redact(tracker.uri)} "
+                f"({type(e).__name__}); they are in {path}, one JSON object per line (run_id, key, value, "
+                f"timestamp, step), ready for MlflowClient.log_batch once the server is back.")
+    _write_spool(Path(path), [])
+    return f"[mlflow] delivered {n} metric values that the workers had queued while {redact(tracker.uri)} was down"
+
+
+def open_training_run(cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "") -> Tracker:
+    """The MLflow run of a training: the unfinished run of this run.name if there is one (its driver
+    died, or it failed: the rerun continues it), else a new one with the config as params. Either way the
+    config (secrets masked) is logged as config.json."""
+    uri = resolve_tracking_uri(cfg)
+    existing = find_run_by_name(cfg, unfinished_only=True)
+    if existing:
+        tracker = Tracker(uri, existing)
+        tracker.client.update_run(existing, status="RUNNING")  # it may have been ended KILLED/FAILED
+        print(f"[driver] resuming MLflow run {existing} of run.name={cfg.run.name}", flush=True)
+    else:
+        tracker = Tracker.start(cfg, tags={**environment_tags(cfg.run.num_workers), **(tags or {})},
+                                parent_run_id=parent_run_id)
+        print(f"[driver] MLflow run {tracker.run_id} at {redact(uri)}", flush=True)
+    out_dir = cfg.output_dir / cfg.run.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(redact(cfg.to_dict()), indent=2))
+    tracker.log_artifact(out_dir / "config.json")
+    return tracker

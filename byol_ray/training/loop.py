@@ -1,0 +1,305 @@
+"""The per-worker pretraining loop: a plain function of (config, session, tracker).
+
+It runs unchanged in-process (``LocalSession``) or as a Ray Train worker (``distributed.session``); Ray and
+MLflow stay outside it. Read top to bottom like torchvision's reference ``train.py``: `pretrain` sets up
+(data, replica, resume), then each epoch is `train_one_epoch` followed by `end_of_epoch` (replica check,
+collapse check, kNN monitor, final evaluation, report and checkpoint). It resumes from the session's
+latest checkpoint exactly (epoch boundaries, all randomness re-seeded from the epoch number).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, ConfigError
+from ..core.engine import InputSpec, Pretrainer, distributed, pick_device
+from ..core.model import build_encoder
+from ..core.state import TrainState, check_compatible
+from ..data.readers import ImageData, channel_stats, load_split
+from ..data.transfer import adapt
+from ..eval.scoring import EvalRow, evaluate_encoders, extract_features, knn_accuracy
+from ..seeding import epoch_seed
+from .replicas import check_replicas
+from .session import Session
+
+# Table row name -> metric key in MLflow (eval/<key>/linear_top1 ...).
+EVAL_KEYS = {"BYOL (online encoder)": "byol", "untrained encoder": "untrained_encoder", "raw pixels": "raw_pixels"}
+
+
+class Tracker(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+def log(msg: str) -> None:
+    # Not print(): Ray Train patches print in workers to also go through logging, which shows each line
+    # twice on the driver once anything wraps sys.stdout.
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+# ---- data ---------------------------------------------------------------------------------------
+@dataclass
+class TrainData:
+    """The train split as the epochs consume it: one uint8 tensor in memory, or a streamed folder."""
+
+    cfg: Config
+    split: Any  # ImageData, or pipeline.FolderStream (data.stream)
+    inputs: InputSpec
+    device: torch.device
+    stream: Any = None
+    images: torch.Tensor | None = None  # the in-memory split, on the device when it fits easily there
+    labels: torch.Tensor | None = None
+    _test: ImageData | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def test_split(self) -> ImageData:
+        """The test split, read from disk once (kNN epochs and the final evaluation share it)."""
+        if self._test is None:
+            self._test = adapt_channels(self.cfg, load_split(self.cfg.data, "test"))
+        return self._test
+
+
+def adapt_channels(cfg: Config, data: ImageData) -> ImageData:
+    """The images with the encoder's input channels (model.in_channels; 0 keeps the data's own)."""
+    if not cfg.model.in_channels or cfg.model.in_channels == data.channels:
+        return data
+    return adapt(data, cfg.model.in_channels, data.images.shape[-1])[0]
+
+
+def load_train_data(cfg: Config, device: torch.device) -> TrainData:
+    if cfg.data.stream:  # too big for memory: decode and crop in DataLoader workers (data/pipeline.py)
+        from ..data.pipeline import FolderStream
+
+        stream = FolderStream(cfg, "train", device)
+        spec = InputSpec(stream.channels, len(stream.classes), stream.mean, stream.std)
+        return TrainData(cfg, stream, spec, device, stream=stream)
+    train = adapt_channels(cfg, load_split(cfg.data, "train"))
+    mean, std = channel_stats(train.images)
+    images, labels = train.images, train.labels
+    # The permutation is drawn each epoch from the whole train split; keep it in memory as one tensor
+    # (on the GPU when it fits easily: batches are then cut there, with no host copy per step).
+    if device.type == "cuda" and images.numel() <= torch.cuda.get_device_properties(device).total_memory // 8:
+        images, labels = images.to(device), labels.to(device)
+    return TrainData(cfg, train, InputSpec(train.channels, len(train.classes), mean, std), device,
+                     images=images, labels=labels)
+
+
+def steps_per_epoch(cfg: Config, n_images: int) -> int:
+    steps = n_images // cfg.optim.batch_size  # drop_last: BatchNorm and equal shards need full batches
+    if cfg.optim.steps_per_epoch:
+        steps = min(steps, cfg.optim.steps_per_epoch)
+    if steps < 1:
+        raise ConfigError(
+            f"optim.batch_size={cfg.optim.batch_size} is larger than the {n_images} training images; "
+            "lower the batch size or use more data"
+        )
+    return steps
+
+
+def epoch_permutation(cfg: Config, n_images: int, epoch: int) -> torch.Tensor:
+    """Depends only on (seed, epoch): the same on every worker and after a resume."""
+    g = torch.Generator().manual_seed(epoch_seed(cfg.run.seed, 0, epoch, "shuffle"))
+    return torch.randperm(n_images, generator=g)
+
+
+def worker_batches(cfg: Config, perm: torch.Tensor, step: int, rank: int, world: int) -> list[torch.Tensor]:
+    """This worker's micro-batch indices for one optimiser step: a disjoint 1/world share of the global
+    batch, split into `accumulate_steps` micro-batches."""
+    b = cfg.optim.batch_size
+    per_worker = b // world
+    mine = perm[step * b + rank * per_worker : step * b + (rank + 1) * per_worker]
+    return list(mine.chunk(cfg.optim.accumulate_steps))
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_id: str = "") -> dict[str, Any]:
+    """Train, report every epoch, evaluate at the end. Returns the final metrics (and eval rows on rank 0)."""
+    rank, world = session.rank, session.world_size
+    device = pick_device(cfg, session.local_rank)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.run.torch_threads or max(1, int(cfg.run.cpus_per_worker)))
+
+    data = load_train_data(cfg, device)
+    spe = steps_per_epoch(cfg, len(data))
+    trainer = Pretrainer(cfg, data.inputs, steps_per_epoch=spe, device=device, rank=rank, world_size=world)
+    if data.stream is not None:
+        trainer.views = data.stream.device_views(trainer.views)
+
+    start_epoch, restarts, run_id = resume(cfg, session, trainer, device, run_id)
+    if rank == 0:
+        log(f"[train] {len(data)} images, {spe} steps/epoch x {cfg.optim.epochs} epochs, global batch "
+            f"{cfg.optim.batch_size} on {world} worker(s), device {device}, encoder {cfg.model.backbone} "
+            f"(stem {cfg.model.stem}, width {cfg.model.width}, dim {trainer.encoder.out_dim})")
+
+    metrics: dict[str, Any] = {}
+    rows: list[EvalRow] = []
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        metrics = train_one_epoch(cfg, trainer, data, epoch, rank, world)
+        metrics["restarts"] = restarts
+        if cfg.debug.perturb_target_rank == rank and epoch == start_epoch:
+            with torch.no_grad():
+                next(trainer.target.parameters()).add_(1e-3)
+        rows, collapsed = end_of_epoch(cfg, trainer, data, epoch, metrics, session, tracker, run_id, restarts)
+        if collapsed:
+            break
+    return {"train": metrics, "trainer": trainer, "eval_rows": rows}
+
+
+def resume(cfg: Config, session: Session, trainer: Pretrainer, device: torch.device,
+           run_id: str) -> tuple[int, int, str]:
+    """Load the session's latest checkpoint into the replica: (first epoch to train, restarts, MLflow run)."""
+    state = session.latest_state()
+    if state is None:
+        return 0, 0, run_id
+    check_compatible(state, cfg)
+    trainer.load_state_dict(_to(state.trainer, device))
+    torch.set_rng_state(state.rng)
+    restarts = state.restarts + 1
+    start_epoch = cfg.optim.epochs if state.collapsed else state.epoch  # a collapsed run stopped for good
+    if session.rank == 0:
+        log(f"[resume] from epoch {start_epoch} (step {trainer.step}), restart #{restarts}")
+    return start_epoch, restarts, run_id or state.mlflow_run_id
+
+
+def train_one_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: int, rank: int,
+                    world: int) -> dict[str, Any]:
+    """One pass of optimiser steps; returns the epoch's metrics averaged over steps and workers."""
+    trainer.start_epoch(epoch)
+    spe = trainer.steps_per_epoch
+    t0 = time.perf_counter()
+    perm = epoch_permutation(cfg, len(data), epoch)
+    plan = [worker_batches(cfg, perm, s, rank, world) for s in range(spe)]
+    streamed = data.stream.micro_batches(epoch, plan) if data.stream is not None else None
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, probe_loss, probe_correct, probe_count, repr_std
+    for s in range(spe):
+        _maybe_crash(cfg, rank, trainer.step)
+        micro = next(streamed) if streamed is not None else [(data.images[i], data.labels[i]) for i in plan[s]]
+        st = trainer.train_step(micro)
+        sums += torch.tensor([st.loss, st.probe_loss, st.probe_correct, st.probe_count, st.repr_std],
+                             dtype=torch.float64)
+        if rank == 0 and ((s + 1) % cfg.run.log_every == 0 or s + 1 == spe):
+            rate = (s + 1) * cfg.optim.batch_size / (time.perf_counter() - t0)
+            log(f"[train] epoch {epoch + 1}/{cfg.optim.epochs} step {s + 1}/{spe} loss {st.loss:.4f} "
+                f"lr {trainer.lr():.4f} tau {trainer.tau():.5f} {rate:.0f} img/s")
+    elapsed = time.perf_counter() - t0
+    if distributed():
+        dist.all_reduce(sums)
+        sums[[0, 1, 4]] /= world
+    metrics = {"epoch": epoch + 1, "step": trainer.step, "loss": sums[0].item() / spe}
+    if trainer.probe is not None:
+        metrics["probe_loss"] = sums[1].item() / spe
+        metrics["online_probe_acc"] = 100.0 * sums[2].item() / max(1.0, sums[3].item())
+    metrics.update({"repr_std": sums[4].item() / spe, "lr": trainer.lr(), "tau": trainer.tau(),
+                    "images_per_s": spe * cfg.optim.batch_size / elapsed, "epoch_seconds": elapsed})
+    return metrics
+
+
+def end_of_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: int, metrics: dict[str, Any],
+                 session: Session, tracker: Tracker | None, run_id: str, restarts: int) -> tuple[list[EvalRow], bool]:
+    """Replica check, collapse check, kNN monitor, final evaluation, log, report and checkpoint.
+    Returns (the final evaluation's rows, whether the run stopped on a collapse)."""
+    rank = session.rank
+    metrics.update(check_replicas(trainer, rank, session.world_size))
+    # repr_std is all-reduced, so every rank takes the same decision.
+    collapsed = bool(cfg.eval.collapse_std) and metrics["repr_std"] < cfg.eval.collapse_std
+    metrics["collapsed"] = float(collapsed)
+    last = epoch + 1 == cfg.optim.epochs or collapsed
+    rows: list[EvalRow] = []
+    if rank == 0:
+        if last and cfg.eval.final:
+            # Evaluated before the last report so the scores travel with the final checkpoint's metrics;
+            # its kNN number is logged as the last epoch's knn_acc.
+            rows = final_evaluation(cfg, trainer, data)
+            metrics.update(eval_metrics(rows))
+            metrics["knn_acc"] = rows[0].knn_top1
+        elif cfg.eval.knn_every and (epoch + 1) % cfg.eval.knn_every == 0:
+            metrics["knn_acc"] = knn_monitor(cfg, trainer, data)
+        log(f"[epoch {epoch + 1}] loss {metrics['loss']:.4f}"
+            + (f" probe acc {metrics['online_probe_acc']:.1f}%" if "online_probe_acc" in metrics else "")
+            + f" repr std {metrics['repr_std']:.3f} {metrics['images_per_s']:.0f} img/s"
+            + (f" kNN {metrics['knn_acc']:.2f}%" if "knn_acc" in metrics else ""))
+        if tracker is not None:
+            tracker.log_metrics({k: float(v) for k, v in metrics.items() if k not in ("epoch", "eval_rows")},
+                                step=epoch + 1)
+    state = None
+    if rank == 0 and ((epoch + 1) % cfg.run.checkpoint_every == 0 or last):
+        state = TrainState(trainer=trainer.state_dict(), epoch=epoch + 1, in_channels=data.inputs.channels,
+                           config=cfg.to_dict(), rng=torch.get_rng_state(), restarts=restarts,
+                           mlflow_run_id=run_id, collapsed=collapsed)
+    session.report(metrics, state)
+    if collapsed and rank == 0:
+        log(f"[collapse] representation std {metrics['repr_std']:.4f} < eval.collapse_std="
+            f"{cfg.eval.collapse_std:g} after epoch {epoch + 1}: stopped early and marked collapsed")
+    return rows, collapsed
+
+
+# ---- monitors and the final evaluation ----------------------------------------------------------
+def knn_monitor(cfg: Config, trainer: Pretrainer, data: TrainData) -> float:
+    test = data.test_split()
+    size, mean, std = cfg.data.image_size, data.inputs.mean, data.inputs.std
+    ftr = extract_features(trainer.encoder, data.split.images, size, mean, std, cfg.eval.batch_size, data.device)
+    fte = extract_features(trainer.encoder, test.images, size, mean, std, cfg.eval.batch_size, data.device)
+    return knn_accuracy(ftr, data.split.labels, fte, test.labels, cfg.eval.knn_k, cfg.eval.knn_temperature)
+
+
+def final_evaluation(cfg: Config, trainer: Pretrainer, data: TrainData) -> list[EvalRow]:
+    """BYOL's online encoder against the baselines (an untrained encoder, raw pixels), same evaluator."""
+    test, train = data.test_split(), data.split
+    encoders: dict[str, torch.nn.Module | None] = {"BYOL (online encoder)": trainer.encoder}
+    if cfg.eval.baselines:
+        torch.manual_seed(cfg.run.seed)
+        encoders["untrained encoder"] = build_encoder(cfg.model, train.channels).to(data.device)
+        encoders["raw pixels"] = None
+    log(f"[eval] linear probe and kNN (k={cfg.eval.knn_k}) on {len(train.images)} train / "
+        f"{len(test.images)} test images")
+    return evaluate_encoders(encoders, train.images, train.labels, test.images, test.labels,
+                             cfg.data.image_size, data.inputs.mean, data.inputs.std, cfg.eval, data.device, log)
+
+
+def eval_metrics(rows: list[EvalRow]) -> dict[str, Any]:
+    """Flat `eval/<key>/<metric>` numbers plus the rows as JSON (Ray metrics are flat values)."""
+    out: dict[str, Any] = {"eval_rows": [json.dumps(r.__dict__) for r in rows]}
+    for r in rows:
+        key = EVAL_KEYS.get(r.name, r.name.replace(" ", "_"))
+        out[f"eval/{key}/linear_top1"] = r.linear_top1
+        out[f"eval/{key}/linear_top5"] = r.linear_top5
+        out[f"eval/{key}/knn_top1"] = r.knn_top1
+    return out
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _to(v: Any, device: torch.device) -> Any:
+    """Move a loaded state (nested dicts of tensors) to the device; optimiser state follows its params."""
+    if isinstance(v, dict):
+        return {k: _to(x, device) for k, x in v.items()}
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    return v
+
+
+def _maybe_crash(cfg: Config, rank: int, step: int) -> None:
+    """Fault injection: kill this worker process once at the configured step (marker file = done)."""
+    if cfg.debug.crash_rank != rank or cfg.debug.crash_at_step != step:
+        return
+    marker = cfg.output_dir / f".crashed_{cfg.run.name}_{rank}_{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    # Ray Train V2 collects reports when it polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+    # 2 s): a checkpoint reported less than one poll before a crash is on disk but not yet registered, so
+    # the restart would begin one checkpoint earlier. Wait that window out: the test is of resuming.
+    time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+    log(f"[debug] rank {rank} kills its own process (pid {os.getpid()}) at step {step}")
+    os.kill(os.getpid(), signal.SIGKILL)
