@@ -393,6 +393,8 @@ def validate(cfg: Config) -> None:
     _choice(m.target_bn, TARGET_BN_MODES, "model.target_bn")
     _check(m.width >= 4 and m.width % 4 == 0, "model.width", f"must be a multiple of 4 >= 4, got {m.width}")
     _check(m.in_channels in (0, 1, 3), "model.in_channels", f"must be 0 (from the data), 1 or 3, got {m.in_channels}")
+    _check(not d.stream or m.in_channels in (0, 3), "model.in_channels",
+           "streamed folders are decoded as RGB (3 channels): set model.in_channels=0 or 3 with data.stream=true")
     for k in ("projector_hidden", "projector_out", "predictor_hidden"):
         _check(getattr(m, k) >= 1, f"model.{k}", f"must be >= 1, got {getattr(m, k)}")
     _check(m.projector_layers >= 1, "model.projector_layers", "must be >= 1")

@@ -271,6 +271,8 @@ def test_config_error_is_a_value_error():
     (["run.precision=fp16", "run.device=cuda"], "run.precision"),
     (["data.stream=true"], "data.stream"),  # fashion_mnist is in memory
     (["data.dataset=folder", "data.stream=true"], "data.stream"),  # final evaluation still on
+    (["data.dataset=folder", "data.stream=true", "eval.final=false", "model.in_channels=1"],
+     "model.in_channels"),  # streamed folders are RGB
 ])
 def test_gpu_and_stream_options_are_validated(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

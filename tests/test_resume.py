@@ -183,3 +183,20 @@ def test_pretrain_refuses_an_incompatible_checkpoint(tmp_path, fmnist_root):
                                                           config=other.to_dict(), rng=torch.get_rng_state()))
     with pytest.raises(ConfigError, match="model.width"):
         pretrain(cfg, LocalSession(tmp_path))
+
+
+def test_model_in_channels_and_online_probe_switch_are_honoured(tmp_path, fmnist_root):
+    # model.in_channels=3 pretrains a 3-channel encoder on 1-channel Fashion-MNIST (grey repeated), and
+    # eval.online_probe=false trains no probe: no probe tensors in the checkpoint, no probe metrics.
+    cfg = tiny_cfg(**{"data.root": fmnist_root, "model.in_channels": 3, "eval.online_probe": False,
+                      "optim.epochs": 1, "eval.final": True})
+    session = LocalSession(tmp_path / "rgb", keep=1)
+    out = pretrain(cfg, session)
+    state = session.latest_state()
+    assert state.in_channels == 3 and state.trainer["online"]["branch.encoder.conv1.weight"].shape[1] == 3
+    assert "probe" not in state.trainer and out["trainer"].probe is None
+    assert "online_probe_acc" not in session.reports[-1] and "probe_loss" not in session.reports[-1]
+    assert out["eval_rows"][0].linear_top1 > 10  # the final evaluation ran on 3-channel test images
+    with_probe = pretrain(tiny_cfg(**{"data.root": fmnist_root, "optim.epochs": 1, "eval.final": False}),
+                          LocalSession(tmp_path / "grey", keep=1))
+    assert with_probe["trainer"].probe is not None and "online_probe_acc" in with_probe["train"]
