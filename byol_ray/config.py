@@ -68,6 +68,11 @@ def _view2_default() -> ViewConfig:
 class AugmentConfig:
     # The ops applied, in this order; leaving one out is how the paper's "remove X" ablations are written.
     ops: list[str] = field(default_factory=lambda: list(AUG_OPS))
+    # Side of the training views; 0 = data.image_size. Smaller views are cheaper per step (FLOPs scale with
+    # the area) while the evaluation still embeds data.image_size images: the ResNet's global pooling takes
+    # any size, and training on smaller random-resized crops than the test size is known to suit it
+    # (Touvron et al. 2019, "FixRes").
+    view_size: int = 0
     view1: ViewConfig = field(default_factory=ViewConfig)
     view2: ViewConfig = field(default_factory=_view2_default)
 
@@ -133,6 +138,11 @@ class OptimConfig:
     tau_base: float = 0.996
     tau_schedule: str = "cosine"  # "constant" keeps tau = tau_base (the paper's tau ablation)
     steps_per_epoch: int = 0  # 0 = a full pass over the data; N caps it (tests, benchmarks)
+    # Minutes for the whole pretraining of a worker, from reading the data to the end of its final
+    # evaluation: the run times a warm-up and plans its total steps so that the lr and tau schedules end
+    # when the budget does (training/plan.py). 0 = no budget. With both, the smaller of `epochs` and what
+    # fits the budget wins.
+    time_budget_minutes: float = 0.0
     grad_clip: float = 0.0
 
 
@@ -174,8 +184,9 @@ class RunConfig:
     autoscaling: bool = False
     log_every: int = 20  # steps between progress lines
     torch_threads: int = 0  # 0 = cpus_per_worker
-    # GPU only: "bf16" runs the forward passes under bf16 autocast (weights, optimiser and EMA stay fp32).
-    # The default fp32 leaves CPU results bit for bit as they were.
+    # "bf16" runs the forward passes under bf16 autocast (weights, loss, optimiser and EMA stay fp32), on
+    # GPUs and on CPUs with native bf16 (AVX-512 BF16 or AMX; refused on others, where oneDNN would emulate
+    # it slowly). The default fp32 leaves results bit for bit as they were.
     precision: str = "fp32"
     compile: bool = False  # torch.compile the online network (worth it on GPUs for long runs)
 
@@ -207,6 +218,11 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    # A recipe for GPUs: `section.key: value` overrides that apply when the run trains on GPUs (run.device
+    # cuda, or auto on a machine or cluster that has them); see `for_device`. Keys given on the command
+    # line win over these. CPUs and GPUs differ ~50x in speed here, so one recipe cannot suit both.
+    # Applied by core.engine.recipe_for.
+    on_gpu: dict[str, Any] = field(default_factory=dict)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -225,7 +241,9 @@ class Config:
         def walk(prefix: str, d: dict[str, Any]) -> None:
             for k, v in d.items():
                 key = f"{prefix}{k}"
-                if isinstance(v, dict):
+                if isinstance(v, dict) and key in _FREE_FORM:  # its overrides, each under the field's name
+                    out.update({f"{key}.{kk}": vv for kk, vv in v.items()})
+                elif isinstance(v, dict):
                     walk(key + ".", v)
                 else:
                     out[key] = v
@@ -264,6 +282,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{name}: expected a list of {len(args)} numbers, got {value!r}")
         return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{name}: expected a mapping of section.key: value, got {value!r}")
+        return dict(value)
     if origin is list:
         (arg,) = typing.get_args(tp)
         if isinstance(value, str):
@@ -355,6 +377,19 @@ def _choice(value: str, allowed: tuple[str, ...], name: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Every rule that can be checked without touching data, Ray or MLflow."""
+    _validate_fields(cfg)
+    if cfg.on_gpu:  # the GPU recipe must hold too, though this machine may never use it
+        d = cfg.to_dict()
+        d["on_gpu"] = {}
+        try:
+            for k, v in cfg.on_gpu.items():
+                _set_dotted(d, k, v)
+            _validate_fields(_build(Config, d, ""))
+        except ConfigError as e:
+            raise ConfigError(f"on_gpu (the GPU recipe): {e}") from None
+
+
+def _validate_fields(cfg: Config) -> None:
     a = cfg.augment
     for i, op in enumerate(a.ops):
         _choice(op, AUG_OPS, f"augment.ops[{i}]")
@@ -377,6 +412,8 @@ def validate(cfg: Config) -> None:
     _choice(d.dataset, DATASETS, "data.dataset")
     _check(bool(d.root), "data.root", "must name the folder holding the dataset files")
     _check(d.image_size >= 8, "data.image_size", f"must be >= 8 pixels, got {d.image_size}")
+    _check(a.view_size == 0 or a.view_size >= 8, "augment.view_size",
+           f"must be 0 (= data.image_size) or >= 8 pixels, got {a.view_size}")
     _check(d.train_subset >= 0, "data.train_subset", "must be >= 0 (0 = all)")
     _check(d.test_subset >= 0, "data.test_subset", "must be >= 0 (0 = all)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
@@ -425,6 +462,7 @@ def validate(cfg: Config) -> None:
     _check(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
     _check(o.steps_per_epoch >= 0, "optim.steps_per_epoch", "must be >= 0 (0 = full epoch)")
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
+    _check(o.time_budget_minutes >= 0, "optim.time_budget_minutes", "must be >= 0 (0 = no budget)")
 
     e = cfg.eval
     _check(e.knn_k >= 1, "eval.knn_k", "must be >= 1")
@@ -448,8 +486,7 @@ def validate(cfg: Config) -> None:
     _check(r.log_every >= 1, "run.log_every", "must be >= 1")
     _check(r.torch_threads >= 0, "run.torch_threads", "must be >= 0")
     _choice(r.precision, PRECISIONS, "run.precision")
-    _check(r.precision == "fp32" or r.device == "cuda", "run.precision",
-           f"{r.precision} autocast is for GPUs only: set run.device=cuda, or run.precision=fp32 on CPUs")
+
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -486,14 +523,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     for o in overrides or []:
         k, v = parse_override(o)
         _set_dotted(d, k, v)
+        if isinstance(d.get("on_gpu"), dict):
+            d["on_gpu"].pop(k, None)  # a key given on the command line wins over the GPU recipe
     return Config.from_dict(d)
+
+
+_FREE_FORM = {"on_gpu"}  # mappings of overrides, taken whole from YAML
 
 
 def _merge(base: dict[str, Any], new: dict[str, Any], prefix: str) -> None:
     for k, v in new.items():
         if k not in base:
             raise ConfigError(f"unknown config key {prefix}{k}; valid keys: {', '.join(sorted(base))}")
-        if isinstance(base[k], dict) and isinstance(v, dict):
+        if isinstance(base[k], dict) and isinstance(v, dict) and f"{prefix}{k}" not in _FREE_FORM:
             _merge(base[k], v, f"{prefix}{k}.")
         else:
             base[k] = v

@@ -142,6 +142,8 @@ def _leaf_count(tp) -> int:
     n = 0
     for f in dataclasses.fields(tp):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if isinstance(default, dict):  # on_gpu: a mapping of overrides, one flat key per override
+            continue
         n += _leaf_count(type(default)) if dataclasses.is_dataclass(default) else 1
     return n
 
@@ -158,6 +160,8 @@ def test_flat_has_one_dotted_key_per_leaf():
     assert not any(isinstance(v, dict) for v in flat.values())
     assert all(k.count(".") >= 1 for k in flat)
     assert sum(k.startswith("augment.view1.") for k in flat) == len(dataclasses.fields(ViewConfig))
+    gpu = cfg.replace({"on_gpu": {"model.width": 64, "run.precision": "bf16"}}).flat()
+    assert len(gpu) == len(flat) + 2 and gpu["on_gpu.model.width"] == 64 and gpu["model.width"] == 32
 
 
 def test_replace_returns_a_new_validated_config():
@@ -267,7 +271,6 @@ def test_config_error_is_a_value_error():
 
 
 @pytest.mark.parametrize("overrides, field", [
-    (["run.precision=bf16"], "run.precision"),  # device auto: not necessarily a GPU
     (["run.precision=fp16", "run.device=cuda"], "run.precision"),
     (["data.stream=true"], "data.stream"),  # fashion_mnist is in memory
     (["data.dataset=folder", "data.stream=true"], "data.stream"),  # final evaluation still on

@@ -552,3 +552,26 @@ def test_gradient_accumulation_takes_one_optimizer_and_one_ema_step():
     for name, xi in p.target.named_parameters():
         expected = tau * before[name].double() + (1 - tau) * online[name].detach().double()
         torch.testing.assert_close(xi.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_on_cpu_autocasts_the_forward_where_the_cpu_has_it_and_is_refused_elsewhere():
+    from byol_ray.config import ConfigError
+    from byol_ray.core.engine import InputSpec, Pretrainer, cpu_bf16_supported
+
+    cfg = Config.from_dict({"model": {"width": 8, "projector_hidden": 32, "predictor_hidden": 32},
+                            "run": {"device": "cpu", "precision": "bf16"}})
+    spec = InputSpec(1, 10, (0.5,), (0.25,))
+    if not cpu_bf16_supported():
+        with pytest.raises(ConfigError, match="run.precision"):
+            Pretrainer(cfg, spec, steps_per_epoch=5, device=torch.device("cpu"))
+        return
+    p = Pretrainer(cfg, spec, steps_per_epoch=5, device=torch.device("cpu"))
+    x = torch.rand(4, 1, 28, 28)
+    with p.autocast():
+        y = p.encoder(x)
+    assert y.dtype == torch.bfloat16
+    y1, z1, loss = p.forward_loss(x, x)
+    assert loss.dtype == torch.float32 and next(p.online.parameters()).dtype == torch.float32
+    fp32 = Pretrainer(cfg.replace({"run.precision": "fp32"}), spec, steps_per_epoch=5, device=torch.device("cpu"))
+    with fp32.autocast():
+        assert fp32.encoder(x).dtype == torch.float32

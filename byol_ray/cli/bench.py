@@ -17,9 +17,6 @@ from ..config import Config, load_config
 from ..errors import UserError, run_cli
 from ..training.bench import flat_metrics, run_bench, table
 
-DEFAULT_OVERRIDES = ["eval.final=false", "eval.knn_every=0"]
-
-
 def log_to_mlflow(cfg: Config, res: dict[str, Any], json_path: Path | None) -> str:
     # Imported here: the GPU check machine runs the benchmark without MLflow installed.
     from ..tracking.tracker import Tracker
@@ -56,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> int:
         if args.repeats < 1 or args.warmup < 0 or args.synthetic < 0:
             raise UserError("--repeats must be >= 1, --warmup and --synthetic >= 0")
-        cfg = load_config(args.config, DEFAULT_OVERRIDES + list(args.overrides))
+        cfg = load_config(args.config, args.overrides)
         res = run_bench(cfg, args.repeats, args.warmup, args.synthetic)
         print(table(res), flush=True)
         json_path = None

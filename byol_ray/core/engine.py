@@ -50,6 +50,19 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX), rather than emulating it."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def recipe_for(cfg: Config, device_type: str) -> Config:
+    """The config a run on `device_type` ("cpu" or "cuda") trains with: on GPUs the config's `on_gpu`
+    recipe applied and run.device made explicit; on CPUs the config as it is."""
+    if device_type != "cuda":
+        return cfg
+    return cfg.replace({**cfg.on_gpu, "on_gpu": {}, "run.device": "cuda"})
+
+
 def pick_device(cfg: Config, local_rank: int = 0) -> torch.device:
     if cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -86,9 +99,9 @@ class Pretrainer:
         self.online = online
         # The target starts as a copy of the (DDP-broadcast) online weights.
         self.target = make_target(unwrap(online)).to(device)
-        if cfg.run.precision != "fp32" and device.type != "cuda":
-            raise ConfigError(f"run.precision: {cfg.run.precision} autocast is for GPUs only, this worker runs on "
-                              f"{device}; set run.precision=fp32")
+        if cfg.run.precision == "bf16" and device.type == "cpu" and not cpu_bf16_supported():
+            raise ConfigError("run.precision: bf16 on this worker's CPU would be emulated (no AVX-512 BF16 or AMX "
+                              "instructions) and slower than fp32; set run.precision=fp32")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.run.precision]
         if cfg.run.compile:
             # In place (nn.Module.compile): parameter names, state dicts, DDP and the EMA's tensor lists
@@ -106,10 +119,14 @@ class Pretrainer:
         if cfg.eval.online_probe:
             self.probe = nn.Linear(unwrap(online).encoder.out_dim, inputs.n_classes).to(device)
             self.probe_opt = torch.optim.Adam(self.probe.parameters(), lr=1e-3)
-        self.views = TwoViews(cfg.augment, cfg.data.image_size, inputs.mean, inputs.std)
+        self.views = TwoViews(cfg.augment, cfg.augment.view_size or cfg.data.image_size, inputs.mean, inputs.std)
         self.generator = torch.Generator(device=device)
 
     # ---- schedules ------------------------------------------------------------------------------
+    def set_total_steps(self, total_steps: int) -> None:
+        """The schedules' length: `optim.epochs` full epochs unless a time budget planned fewer steps."""
+        self.total_steps = total_steps
+
     def lr(self) -> float:
         return warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
 
@@ -158,7 +175,7 @@ class Pretrainer:
         return StepStats(total_loss, probe_loss_sum, probe_correct, probe_count, repr_std)
 
     def autocast(self):
-        """bf16 autocast for the forward passes on GPUs (run.precision); nothing at all in fp32."""
+        """bf16 autocast for the forward passes (run.precision, GPUs and bf16-capable CPUs); nothing in fp32."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)

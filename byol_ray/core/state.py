@@ -9,7 +9,7 @@ training something else.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +40,19 @@ class TrainState:
     restarts: int = 0
     mlflow_run_id: str = ""
     collapsed: bool = False  # the run stopped for good on a collapsed representation
+    plan: dict[str, Any] = field(default_factory=dict)  # training.plan.StepPlan: total steps, budget
 
     def to_file_dict(self) -> dict[str, Any]:
         return {"trainer": self.trainer, "epoch": self.epoch, "in_channels": self.in_channels,
                 "config": self.config, "rng": {"torch": self.rng}, "restarts": self.restarts,
-                "mlflow_run_id": self.mlflow_run_id, "collapsed": self.collapsed}
+                "mlflow_run_id": self.mlflow_run_id, "collapsed": self.collapsed, "plan": self.plan}
 
     @classmethod
     def from_file_dict(cls, d: dict[str, Any]) -> "TrainState":
         return cls(trainer=d["trainer"], epoch=int(d["epoch"]), in_channels=int(d["in_channels"]),
                    config=d["config"], rng=d["rng"]["torch"], restarts=int(d.get("restarts", 0)),
-                   mlflow_run_id=str(d.get("mlflow_run_id", "")), collapsed=bool(d.get("collapsed", False)))
+                   mlflow_run_id=str(d.get("mlflow_run_id", "")), collapsed=bool(d.get("collapsed", False)),
+                   plan=dict(d.get("plan") or {}))
 
 
 def save_state(directory: str | os.PathLike, state: TrainState) -> Path:

@@ -105,6 +105,14 @@ def request_worker_group(cfg: Config) -> None:
     request_resources(bundles=[worker_resources(cfg)] * cfg.run.num_workers)
 
 
+def training_device(cfg: Config) -> str:
+    """"cuda" when the workers will train on GPUs: run.device=cuda, or auto on a cluster that has GPUs."""
+    if cfg.run.device != "auto":
+        return cfg.run.device
+    connect(cfg.run.address)
+    return "cuda" if any(r.get("GPU", 0) > 0 for r in _live_nodes()) else "cpu"
+
+
 def reserve_worker_group(cfg: Config) -> None:
     """Connected to the cluster: make sure the worker group will start (ask an autoscaler, or check)."""
     connect(cfg.run.address)

@@ -18,9 +18,10 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from ..config import Config
+from ..core.engine import recipe_for
 from ..tracking.tracker import Tracker, open_training_run, undelivered_path
 from ..training.loop import log, pretrain
-from .cluster import reserve_worker_group, worker_resources
+from .cluster import reserve_worker_group, training_device, worker_resources
 from .preflight import preflight, storage_path
 from .results import finish_run
 from .session import RaySession
@@ -61,6 +62,7 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
     makes the MLflow run a child (a sweep trial, under the sweep's run).
     """
     uri = preflight(cfg)
+    cfg = recipe_for(cfg, training_device(cfg))  # the config's GPU recipe when the workers get GPUs
     reserve_worker_group(cfg)
     tracker = open_training_run(cfg, tags, parent_run_id) if cfg.tracking.enabled else None
     resources = worker_resources(cfg)

@@ -114,11 +114,20 @@ class Tracker:
         return t
 
     def log_params(self, params: dict[str, Any]) -> None:
+        """Params in batches; the workers' writer (with a spool) makes one short try and warns instead of
+        stopping training (what it logs, the run's plan, is also in every checkpoint)."""
         from mlflow.entities import Param
 
         items = [Param(k, str(redact(v))[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow's batch limit is 100 params
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        try:
+            with short_http() if self.spool is not None else contextlib.nullcontext():
+                for i in range(0, len(items), 100):  # MLflow's batch limit is 100 params
+                    self.client.log_batch(self.run_id, params=items[i : i + 100])
+        except delivery_errors() as e:
+            if self.spool is None:
+                raise
+            print(f"[mlflow] could not log params {sorted(params)} to {redact(self.uri)} ({type(e).__name__})",
+                  file=sys.stderr, flush=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

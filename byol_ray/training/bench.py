@@ -42,6 +42,8 @@ from ..core.model import unwrap
 from ..data.augment import TwoViews, reference_view_transform
 from ..data.readers import channel_stats, load_split
 from ..errors import UserError
+from ..eval.scoring import extract_features
+from .plan import EVAL_OVERHEAD, budget_steps, measure_embed_seconds
 
 PER_IMAGE_CAP = 64  # images per repetition of the (slow) per-image pipeline
 
@@ -242,6 +244,23 @@ class Bench:
             self._plain_views = TwoViews(self.cfg.augment, self.cfg.data.image_size, self.mean, self.std)
         return self._plain_views
 
+    def budget_plan(self, step_s: float) -> dict[str, Any] | None:
+        """What `optim.time_budget_minutes` buys at the measured step time: the planner the training loop
+        uses (training/plan.py), fed with this benchmark's step and embedding times. None without a budget."""
+        cfg = self.cfg
+        if not cfg.optim.time_budget_minutes:
+            return None
+        n = min(len(self.images), cfg.eval.batch_size)
+        sample = self.source.plain_images(self.images[:n])
+        per_image = measure_embed_seconds(lambda: extract_features(
+            self.trainer.encoder, sample, cfg.data.image_size, self.mean, self.std, cfg.eval.batch_size,
+            self.device), n, self.device)
+        embed_s = per_image * self.source.eval_images()
+        encoders = 2 if cfg.eval.baselines else 1
+        plan = budget_steps(cfg, self.trainer.steps_per_epoch, step_s, EVAL_OVERHEAD * encoders * embed_s,
+                            EVAL_OVERHEAD * embed_s, 0.0)
+        return {**plan.params(), "steps_per_epoch": plan.steps_per_epoch}
+
     def input_pipeline(self) -> float:
         """Source images per second that the input path alone delivers, ready for the networks."""
         return self.source.pipeline_images_per_s(self)
@@ -255,6 +274,7 @@ class InMemorySource:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str]):
         self.images, self.labels, self.classes = images, labels, classes
+        self.test_count = 0  # set by data_source when the dataset has a test split
         self.channels = images.shape[1]
         self.mean, self.std = channel_stats(images)
 
@@ -269,6 +289,10 @@ class InMemorySource:
 
     def plain_images(self, batch: torch.Tensor) -> torch.Tensor:
         return batch
+
+    def eval_images(self) -> int:
+        """Images the end-of-run evaluation embeds per encoder (train + test split)."""
+        return len(self.images) + self.test_count
 
     def pipeline_images_per_s(self, b: Bench) -> float:
         def feed():
@@ -306,6 +330,9 @@ class StreamSource:
 
     def attach(self, trainer) -> None:
         trainer.views = self.stream.device_views(trainer.views)
+
+    def eval_images(self) -> int:
+        return 0  # streamed runs have no end-of-run evaluation (config validation)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[idx], self.labels[idx]
@@ -352,7 +379,10 @@ def data_source(cfg: Config, synthetic: int, device: torch.device):
     if cfg.data.stream:
         return StreamSource(cfg, device)
     train = load_split(cfg.data, "train")
-    return InMemorySource(train.images, train.labels, train.classes)
+    source = InMemorySource(train.images, train.labels, train.classes)
+    if cfg.optim.time_budget_minutes:  # the budget's planner keeps back the evaluation of both splits
+        source.test_count = len(load_split(cfg.data, "test"))
+    return source
 
 
 # ---- running and reporting ----------------------------------------------------------------------
@@ -366,6 +396,7 @@ def run_bench(cfg: Config, repeats: int = 20, warmup: int = 5, synthetic: int = 
     ema_fused, ema_loop = b.ema()
     aug_batched, aug_per_image = b.augmentation()
     pipe = b.input_pipeline()
+    plan = b.budget_plan(step)
     step_ips = B / step
     phases_ms = {k: 1e3 * v for k, v in phases.items()}
     phases_ms["other"] = 1e3 * step - sum(phases_ms.values())
@@ -388,6 +419,7 @@ def run_bench(cfg: Config, repeats: int = 20, warmup: int = 5, synthetic: int = 
         "augmentation": {"batched_images_per_s": aug_batched, "per_image_images_per_s": aug_per_image,
                          "speedup": aug_batched / aug_per_image},
         "input_pipeline": {"kind": b.source.kind, "images_per_s": pipe, "over_step": pipe / step_ips},
+        **({"budget_plan": plan} if plan else {}),
     }
 
 
@@ -457,4 +489,9 @@ def table(res: dict[str, Any]) -> str:
         f"| input pipeline alone ({res['input_pipeline']['kind']}) | "
         f"{res['input_pipeline']['images_per_s']:,.0f} img/s | {res['input_pipeline']['over_step']:.1f}x the step |",
     ]
+    if "budget_plan" in res:
+        p = res["budget_plan"]
+        lines.append(f"| optim.time_budget_minutes={p['plan.budget_minutes']:g} plans | {p['plan.total_steps']:,} steps "
+                     f"({p['plan.epochs']} epochs of {p['steps_per_epoch']}), {p['plan.eval_reserve_s']:.0f} s kept for "
+                     f"evaluation | |")
     return "\n".join(lines)

@@ -28,6 +28,8 @@ from ..data.readers import ImageData, channel_stats, load_split
 from ..data.transfer import adapt
 from ..eval.scoring import EvalRow, evaluate_encoders, extract_features, knn_accuracy
 from ..seeding import epoch_seed
+from .plan import (EVAL_OVERHEAD, UNTIMED_STEPS, WARMUP_STEPS, StepPlan, agree, budget_steps, describe,
+                   epochs_plan, measure_embed_seconds, measure_step_seconds)
 from .replicas import check_replicas
 from .session import Session
 
@@ -37,6 +39,7 @@ EVAL_KEYS = {"BYOL (online encoder)": "byol", "untrained encoder": "untrained_en
 
 class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_params(self, params: dict[str, Any]) -> None: ...
 
 
 def log(msg: str) -> None:
@@ -123,8 +126,13 @@ def worker_batches(cfg: Config, perm: torch.Tensor, step: int, rank: int, world:
 
 
 # ---- the loop -----------------------------------------------------------------------------------
-def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_id: str = "") -> dict[str, Any]:
-    """Train, report every epoch, evaluate at the end. Returns the final metrics (and eval rows on rank 0)."""
+def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_id: str = "",
+             plan: StepPlan | None = None) -> dict[str, Any]:
+    """Train, report every epoch, evaluate at the end. Returns the final metrics (and eval rows on rank 0).
+
+    `plan` makes a fresh run follow a plan made elsewhere (another run's, to repeat its schedule) instead
+    of its own; a resumed run always keeps the plan of its checkpoint."""
+    t_start = time.perf_counter()  # a time budget counts from here
     rank, world = session.rank, session.world_size
     device = pick_device(cfg, session.local_rank)
     if device.type == "cpu":
@@ -136,61 +144,102 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
     if data.stream is not None:
         trainer.views = data.stream.device_views(trainer.views)
 
-    start_epoch, restarts, run_id = resume(cfg, session, trainer, device, run_id)
     if rank == 0:
-        log(f"[train] {len(data)} images, {spe} steps/epoch x {cfg.optim.epochs} epochs, global batch "
-            f"{cfg.optim.batch_size} on {world} worker(s), device {device}, encoder {cfg.model.backbone} "
-            f"(stem {cfg.model.stem}, width {cfg.model.width}, dim {trainer.encoder.out_dim})")
+        log(f"[train] {len(data)} images, {spe} steps/epoch, global batch {cfg.optim.batch_size} on {world} "
+            f"worker(s), device {device}, encoder {cfg.model.backbone} (stem {cfg.model.stem}, width "
+            f"{cfg.model.width}, dim {trainer.encoder.out_dim})")
+    start_epoch, restarts, run_id, resumed_plan = resume(cfg, session, trainer, device, run_id)
+    plan = resumed_plan or plan
+    if plan is None:
+        plan = make_plan(cfg, trainer, data, rank, world, t_start)
+        if rank == 0 and tracker is not None:
+            tracker.log_params(plan.params())
+    trainer.set_total_steps(plan.total_steps)
+    if rank == 0:
+        log(describe(plan, cfg))
 
     metrics: dict[str, Any] = {}
     rows: list[EvalRow] = []
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        metrics = train_one_epoch(cfg, trainer, data, epoch, rank, world)
+    for epoch in range(start_epoch, plan.epochs):
+        metrics = train_one_epoch(cfg, trainer, data, epoch, rank, world, plan)
         metrics["restarts"] = restarts
         if cfg.debug.perturb_target_rank == rank and epoch == start_epoch:
             with torch.no_grad():
                 next(trainer.target.parameters()).add_(1e-3)
-        rows, collapsed = end_of_epoch(cfg, trainer, data, epoch, metrics, session, tracker, run_id, restarts)
+        rows, collapsed = end_of_epoch(cfg, trainer, data, epoch, metrics, session, tracker, run_id, restarts, plan)
         if collapsed:
             break
-    return {"train": metrics, "trainer": trainer, "eval_rows": rows}
+    return {"train": metrics, "trainer": trainer, "eval_rows": rows, "plan": plan}
 
 
 def resume(cfg: Config, session: Session, trainer: Pretrainer, device: torch.device,
-           run_id: str) -> tuple[int, int, str]:
-    """Load the session's latest checkpoint into the replica: (first epoch to train, restarts, MLflow run)."""
+           run_id: str) -> tuple[int, int, str, StepPlan | None]:
+    """Load the session's latest checkpoint into the replica: (first epoch to train, restarts, MLflow run,
+    the run's plan: a resumed run keeps the schedule it started with)."""
     state = session.latest_state()
     if state is None:
-        return 0, 0, run_id
+        return 0, 0, run_id, None
     check_compatible(state, cfg)
     trainer.load_state_dict(_to(state.trainer, device))
     torch.set_rng_state(state.rng)
+    plan = StepPlan(**state.plan) if state.plan else epochs_plan(cfg, trainer.steps_per_epoch)
     restarts = state.restarts + 1
-    start_epoch = cfg.optim.epochs if state.collapsed else state.epoch  # a collapsed run stopped for good
+    start_epoch = plan.epochs if state.collapsed else state.epoch  # a collapsed run stopped for good
     if session.rank == 0:
-        log(f"[resume] from epoch {start_epoch} (step {trainer.step}), restart #{restarts}")
-    return start_epoch, restarts, run_id or state.mlflow_run_id
+        log(f"[resume] from epoch {start_epoch} (step {trainer.step}) of the run's plan, restart #{restarts}")
+    return start_epoch, restarts, run_id or state.mlflow_run_id, plan
+
+
+def make_plan(cfg: Config, trainer: Pretrainer, data: TrainData, rank: int, world: int,
+              t_start: float) -> StepPlan:
+    """`optim.epochs` full epochs, or with a time budget as many steps as fit (see plan.py)."""
+    spe = trainer.steps_per_epoch
+    if not cfg.optim.time_budget_minutes:
+        return epochs_plan(cfg, spe)
+    perm = epoch_permutation(cfg, len(data), 0)
+    steps = [worker_batches(cfg, perm, s % spe, rank, world) for s in range(UNTIMED_STEPS + WARMUP_STEPS)]
+    if data.stream is not None:
+        fed = list(data.stream.micro_batches(0, steps))
+        batch = fed.__getitem__
+    else:
+        def batch(i: int) -> list:
+            return [(data.images[idx], data.labels[idx]) for idx in steps[i]]
+    trainer.start_epoch(0)
+    step_s = measure_step_seconds(trainer, batch)
+    embed_s = 0.0
+    if rank == 0 and data.stream is None and (cfg.eval.final or cfg.eval.knn_every):
+        n = min(len(data), 4 * cfg.eval.batch_size)
+        sample = data.split.images[:n]
+        per_image = measure_embed_seconds(lambda: extract_features(
+            trainer.encoder, sample, cfg.data.image_size, data.inputs.mean, data.inputs.std,
+            cfg.eval.batch_size, data.device), n, data.device)
+        embed_s = per_image * (len(data) + len(data.test_split()))
+    step_s, embed_s, elapsed = agree([step_s, embed_s, time.perf_counter() - t_start], data.device)
+    encoders = 2 if cfg.eval.baselines else 1
+    return budget_steps(cfg, spe, step_s, EVAL_OVERHEAD * encoders * embed_s, EVAL_OVERHEAD * embed_s, elapsed)
+
 
 
 def train_one_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: int, rank: int,
-                    world: int) -> dict[str, Any]:
-    """One pass of optimiser steps; returns the epoch's metrics averaged over steps and workers."""
+                    world: int, plan: StepPlan) -> dict[str, Any]:
+    """One pass of optimiser steps (the plan's last epoch may stop part-way); returns the epoch's metrics
+    averaged over steps and workers."""
     trainer.start_epoch(epoch)
-    spe = trainer.steps_per_epoch
+    spe = plan.steps_in_epoch(epoch)
     t0 = time.perf_counter()
     perm = epoch_permutation(cfg, len(data), epoch)
-    plan = [worker_batches(cfg, perm, s, rank, world) for s in range(spe)]
-    streamed = data.stream.micro_batches(epoch, plan) if data.stream is not None else None
+    batches = [worker_batches(cfg, perm, s, rank, world) for s in range(spe)]
+    streamed = data.stream.micro_batches(epoch, batches) if data.stream is not None else None
     sums = torch.zeros(5, dtype=torch.float64)  # loss, probe_loss, probe_correct, probe_count, repr_std
     for s in range(spe):
         _maybe_crash(cfg, rank, trainer.step)
-        micro = next(streamed) if streamed is not None else [(data.images[i], data.labels[i]) for i in plan[s]]
+        micro = next(streamed) if streamed is not None else [(data.images[i], data.labels[i]) for i in batches[s]]
         st = trainer.train_step(micro)
         sums += torch.tensor([st.loss, st.probe_loss, st.probe_correct, st.probe_count, st.repr_std],
                              dtype=torch.float64)
         if rank == 0 and ((s + 1) % cfg.run.log_every == 0 or s + 1 == spe):
             rate = (s + 1) * cfg.optim.batch_size / (time.perf_counter() - t0)
-            log(f"[train] epoch {epoch + 1}/{cfg.optim.epochs} step {s + 1}/{spe} loss {st.loss:.4f} "
+            log(f"[train] epoch {epoch + 1}/{plan.epochs} step {s + 1}/{spe} loss {st.loss:.4f} "
                 f"lr {trainer.lr():.4f} tau {trainer.tau():.5f} {rate:.0f} img/s")
     elapsed = time.perf_counter() - t0
     if distributed():
@@ -206,7 +255,8 @@ def train_one_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: in
 
 
 def end_of_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: int, metrics: dict[str, Any],
-                 session: Session, tracker: Tracker | None, run_id: str, restarts: int) -> tuple[list[EvalRow], bool]:
+                 session: Session, tracker: Tracker | None, run_id: str, restarts: int,
+                 plan: StepPlan) -> tuple[list[EvalRow], bool]:
     """Replica check, collapse check, kNN monitor, final evaluation, log, report and checkpoint.
     Returns (the final evaluation's rows, whether the run stopped on a collapse)."""
     rank = session.rank
@@ -214,7 +264,7 @@ def end_of_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: int, 
     # repr_std is all-reduced, so every rank takes the same decision.
     collapsed = bool(cfg.eval.collapse_std) and metrics["repr_std"] < cfg.eval.collapse_std
     metrics["collapsed"] = float(collapsed)
-    last = epoch + 1 == cfg.optim.epochs or collapsed
+    last = epoch + 1 == plan.epochs or collapsed
     rows: list[EvalRow] = []
     if rank == 0:
         if last and cfg.eval.final:
@@ -236,7 +286,7 @@ def end_of_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: int, 
     if rank == 0 and ((epoch + 1) % cfg.run.checkpoint_every == 0 or last):
         state = TrainState(trainer=trainer.state_dict(), epoch=epoch + 1, in_channels=data.inputs.channels,
                            config=cfg.to_dict(), rng=torch.get_rng_state(), restarts=restarts,
-                           mlflow_run_id=run_id, collapsed=collapsed)
+                           mlflow_run_id=run_id, collapsed=collapsed, plan=plan.to_dict())
     session.report(metrics, state)
     if collapsed and rank == 0:
         log(f"[collapse] representation std {metrics['repr_std']:.4f} < eval.collapse_std="

@@ -1,0 +1,145 @@
+"""How many optimiser steps a run takes: a fixed number of epochs, or as many as fit a time budget.
+
+CPUs differ about 5x in speed for this workload (AVX2-only vs AVX-512 machines), so a number of epochs
+cannot promise a wall time. With ``optim.time_budget_minutes`` the run measures itself instead: rank 0 times
+a warm-up of `WARMUP_STEPS` real training steps (on a snapshot of the replica that is then restored, so
+the run itself is exactly what it would have been without them) and one batch of the frozen-feature
+evaluation, and the plan fixes the total number of steps so that the cosine lr and tau schedules end
+exactly when the budget does, after keeping back the time the end-of-run evaluation (and any kNN
+monitor) will take. ``optim.epochs`` stays an upper limit: the smaller of the two wins.
+
+The plan is made once, stored in every checkpoint and logged to MLflow; a resumed run keeps it, so it
+follows the same schedule bit for bit. A machine that slows down after planning makes the run late; it
+does not change the schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from ..core.engine import Pretrainer, distributed
+
+WARMUP_STEPS = 24  # timed steps; the first `UNTIMED_STEPS` more warm caches and the allocator
+UNTIMED_STEPS = 4
+# The end-of-run evaluation embeds the train and test splits with two encoders (BYOL, untrained), then
+# fits the L-BFGS probe and kNN on the features. The embedding is timed; the fits and the rest are this
+# factor on top (measured on the reference machine: 1.6x for the default Fashion-MNIST model).
+EVAL_OVERHEAD = 2.0
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    total_steps: int
+    steps_per_epoch: int
+    budget_s: float = 0.0  # 0 = no budget: optim.epochs full epochs
+    images_per_s: float = 0.0  # measured during the warm-up
+    reserve_s: float = 0.0  # kept back for the evaluation
+    elapsed_s: float = 0.0  # spent before the first real step (data, model, warm-up)
+
+    @property
+    def epochs(self) -> int:
+        """Epochs started; the last one may stop part-way."""
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return max(0, min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def params(self) -> dict[str, Any]:
+        """What MLflow records of the plan."""
+        return {"plan.total_steps": self.total_steps, "plan.epochs": self.epochs,
+                "plan.budget_minutes": self.budget_s / 60, "plan.warmup_images_per_s": round(self.images_per_s, 1),
+                "plan.eval_reserve_s": round(self.reserve_s, 1)}
+
+
+def epochs_plan(cfg: Config, steps_per_epoch: int) -> StepPlan:
+    return StepPlan(cfg.optim.epochs * steps_per_epoch, steps_per_epoch)
+
+
+def budget_steps(cfg: Config, steps_per_epoch: int, step_s: float, eval_s: float, knn_s: float,
+                 elapsed_s: float) -> StepPlan:
+    """The plan for measured costs: seconds per step, per final evaluation and per kNN monitor."""
+    o = cfg.optim
+    budget = o.time_budget_minutes * 60.0
+    cap = o.epochs * steps_per_epoch
+    reserve = eval_s if cfg.eval.final else 0.0
+    steps = cap
+    for _ in range(3):  # the kNN monitors depend on the epochs, which depend on the steps: settle it
+        epochs = math.ceil(steps / steps_per_epoch)
+        knn = knn_s * (epochs // cfg.eval.knn_every if cfg.eval.knn_every else 0)
+        steps = min(cap, max(1, int((budget - elapsed_s - reserve - knn) / step_s)))
+    epochs = math.ceil(steps / steps_per_epoch)
+    knn = knn_s * (epochs // cfg.eval.knn_every if cfg.eval.knn_every else 0)
+    return StepPlan(steps, steps_per_epoch, budget, o.batch_size / step_s, reserve + knn, elapsed_s)
+
+
+def measure_step_seconds(trainer: Pretrainer, batch: Callable[[int], list], steps: int = WARMUP_STEPS,
+                         untimed: int = UNTIMED_STEPS) -> float:
+    """Seconds per training step, timed on real steps of `trainer`, which is then put back exactly as it
+    was (weights, optimiser and probe state, step counter, random generators)."""
+    saved = copy.deepcopy(trainer.state_dict())
+    cpu_rng, gen_rng = torch.get_rng_state(), trainer.generator.get_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        for i in range(untimed):
+            trainer.train_step(batch(i))
+        _sync(trainer.device)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            trainer.train_step(batch(untimed + i))
+        _sync(trainer.device)
+        return (time.perf_counter() - t0) / steps
+    finally:
+        trainer.load_state_dict(saved)
+        torch.set_rng_state(cpu_rng)
+        trainer.generator.set_state(gen_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def measure_embed_seconds(embed: Callable[[], Any], n_images: int, device: torch.device) -> float:
+    """Seconds per image of the frozen-feature embedding (`embed` embeds `n_images` images)."""
+    embed()  # warm
+    _sync(device)
+    t0 = time.perf_counter()
+    embed()
+    _sync(device)
+    return (time.perf_counter() - t0) / n_images
+
+
+def agree(values: list[float], device: torch.device) -> list[float]:
+    """Rank 0's values on every rank (the plan must be the same everywhere: DDP steps in lockstep)."""
+    if not distributed():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(t, src=0)
+    return t.tolist()
+
+
+def describe(plan: StepPlan, cfg: Config) -> str:
+    """The plan as one log line, printed before training starts."""
+    if not plan.budget_s:
+        return (f"[plan] {plan.total_steps} steps = {cfg.optim.epochs} epochs of {plan.steps_per_epoch} "
+                f"(no time budget)")
+    train_s = plan.total_steps * cfg.optim.batch_size / plan.images_per_s
+    finish = time.strftime("%H:%M:%S", time.localtime(time.time() + train_s + plan.reserve_s))
+    capped = " (capped by optim.epochs)" if plan.total_steps == cfg.optim.epochs * plan.steps_per_epoch else ""
+    return (f"[plan] warm-up measured {plan.images_per_s:,.0f} img/s; budget {plan.budget_s / 60:g} min = "
+            f"{plan.elapsed_s:.0f} s set-up + {train_s:.0f} s training + {plan.reserve_s:.0f} s evaluation -> "
+            f"{plan.total_steps} steps = {plan.total_steps / plan.steps_per_epoch:.2f} epochs of "
+            f"{plan.steps_per_epoch}{capped}; expected to finish at {finish}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

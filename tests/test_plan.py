@@ -1,0 +1,91 @@
+"""The time budget (optim.time_budget_minutes): steps planned from a measured warm-up, schedules that end
+when the budget does, and a plan that a resumed run keeps bit for bit."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from byol_ray.config import Config
+from byol_ray.training.loop import pretrain
+from byol_ray.training.plan import StepPlan, budget_steps, epochs_plan
+from byol_ray.training.session import LocalSession
+
+
+def cfg_of(fmnist_root: str, **over) -> Config:
+    d = {
+        "data": {"root": fmnist_root, "train_subset": 2048, "test_subset": 256},
+        "model": {"width": 8, "projector_hidden": 64, "projector_out": 32, "predictor_hidden": 64},
+        "optim": {"epochs": 1000, "batch_size": 32, "warmup_epochs": 0.5, "time_budget_minutes": 0.25},
+        "eval": {"final": False, "knn_k": 10, "linear_epochs": 5},
+        "run": {"torch_threads": 1, "log_every": 1000, "checkpoint_every": 1},
+        "tracking": {"enabled": False},
+    }
+    return Config.from_dict(d).replace(over)
+
+
+def test_budget_arithmetic():
+    cfg = Config().replace({"optim.time_budget_minutes": 1.0, "optim.epochs": 100, "eval.final": True,
+                            "eval.knn_every": 0})
+    # 60 s - 4 s already spent - 6 s evaluation = 50 s at 0.1 s a step.
+    p = budget_steps(cfg, 30, step_s=0.1, eval_s=6.0, knn_s=2.0, elapsed_s=4.0)
+    assert (p.total_steps, p.epochs, p.reserve_s) == (500, 17, 6.0)
+    assert [p.steps_in_epoch(e) for e in (0, 15, 16, 17)] == [30, 30, 20, 0]
+    assert p.images_per_s == pytest.approx(cfg.optim.batch_size / 0.1)
+    # kNN monitors every 5 epochs come out of the budget too: 3 of them at 2 s (the plan settles on 17
+    # epochs, 3 monitors) -> (60 - 4 - 6 - 6) / 0.1 = 440 steps.
+    p = budget_steps(cfg.replace({"eval.knn_every": 5}), 30, 0.1, 6.0, 2.0, 4.0)
+    assert (p.total_steps, p.epochs, p.reserve_s) == (440, 15, 12.0)
+    # optim.epochs caps a generous budget; no final evaluation keeps nothing back.
+    p = budget_steps(cfg.replace({"optim.epochs": 3, "eval.final": False}), 30, 0.1, 6.0, 2.0, 4.0)
+    assert (p.total_steps, p.epochs, p.reserve_s) == (90, 3, 0.0)
+    assert epochs_plan(cfg, 30) == StepPlan(3000, 30)
+
+
+def test_a_budgeted_run_plans_from_its_measured_rate_and_ends_on_time(tmp_path, fmnist_root):
+    cfg = cfg_of(fmnist_root)
+    t0 = time.perf_counter()
+    out = pretrain(cfg, LocalSession(tmp_path / "run", keep=1))
+    wall = time.perf_counter() - t0
+    plan, trainer = out["plan"], out["trainer"]
+    budget = cfg.optim.time_budget_minutes * 60
+    # The plan came from the warm-up: its rate times the training part of the budget is its step count.
+    assert plan.budget_s == budget and plan.images_per_s > 0 and 0 < plan.elapsed_s < budget
+    expected = int((budget - plan.elapsed_s) * plan.images_per_s / cfg.optim.batch_size)
+    assert abs(plan.total_steps - expected) <= 1
+    assert plan.total_steps < cfg.optim.epochs * plan.steps_per_epoch  # the budget, not the epochs, decided
+    # It ran exactly the planned steps, the last epoch part-way, and the schedules ended with them.
+    assert trainer.step == plan.total_steps and plan.total_steps % plan.steps_per_epoch != 0
+    assert trainer.lr() == 0.0 and trainer.tau() == 1.0
+    assert out["train"]["lr"] == 0.0 and out["train"]["tau"] == 1.0 and out["train"]["step"] == plan.total_steps
+    # On time: a timing on a shared 2-core machine, so with room either way.
+    assert 0.6 * budget < wall < 1.3 * budget + 2, (wall, budget)
+
+
+def test_a_budgeted_run_killed_and_resumed_matches_the_same_plan_uninterrupted(tmp_path, fmnist_root):
+    cfg = cfg_of(fmnist_root, **{"optim.time_budget_minutes": 0.2})
+
+    class Killed(RuntimeError):
+        pass
+
+    class DiesAfterEpoch2(LocalSession):
+        def report(self, metrics, state=None):
+            super().report(metrics, state)
+            if metrics["epoch"] == 2:
+                raise Killed
+
+    with pytest.raises(Killed):
+        pretrain(cfg, DiesAfterEpoch2(tmp_path / "killed", keep=2))
+    session = LocalSession(tmp_path / "killed", keep=2)
+    plan = StepPlan(**session.latest_state().plan)
+    assert plan.budget_s and plan.epochs > 2
+    # The rerun keeps the stored plan even under another budget, and does not measure again.
+    resumed = pretrain(cfg.replace({"optim.time_budget_minutes": 5.0}), session)
+    assert resumed["plan"] == plan and resumed["trainer"].step == plan.total_steps
+    reference = pretrain(cfg, LocalSession(tmp_path / "reference", keep=1), plan=plan)
+    a, b = resumed["trainer"].state_dict(), reference["trainer"].state_dict()
+    for part in ("online", "target"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
