@@ -98,7 +98,7 @@ def test_killed_worker_resumes_bit_exactly(ray_local, tmp_path):
     crashed = run_training(tiny(tmp_path / "crash", "run.name=crash", "debug.crash_rank=1",
                                 "debug.crash_at_step=4", "run.max_failures=1", "tracking.log_model=false"))
     assert (tmp_path / "crash" / ".crashed_crash_1_4").exists()
-    a, b = final_state(ref)["trainer"], final_state(crashed)["trainer"]
+    a, b = final_state(ref).trainer, final_state(crashed).trainer
     for part in ("online", "target"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after the restart"
