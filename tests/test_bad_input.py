@@ -38,7 +38,10 @@ class Case:
     starts_ray: bool = False  # finding the problem needs the cluster (its resources)
     extra: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # on top of the test's environment
-    within_s: float = 0  # a bound on how long refusing takes (where the defect was a hang)
+    # A bound on how long refusing takes, where the defect was a hang (a dead Ray address: 150 s and more of
+    # Ray's retries). Measured on the shared 2-core machine: 11-15 s, Python's imports included; the bound leaves room for a loaded
+    # machine and still catches the hang.
+    within_s: float = 0
 
 
 def write(name: str, text: str) -> Callable[[Path], None]:
@@ -99,9 +102,9 @@ CASES = [
     Case("missing-data-dir", ["train", "data.root={tmp}/no-such-dir"], ["data.root does not exist", "Fix"]),
     Case("corrupt-idx-file", ["train", "data.root={tmp}/fmnist"], ["train-images-idx3-ubyte.gz", "Fix"], corrupt_fmnist),
     Case("unreachable-ray", ["train", "run.address=127.0.0.1:1"],
-         ["run.address='127.0.0.1:1' does not answer", "ray start --head"], within_s=30),
+         ["run.address='127.0.0.1:1' does not answer", "ray start --head"], within_s=60),
     Case("unreachable-RAY_ADDRESS", ["train"], ["RAY_ADDRESS='127.0.0.1:1' (from the environment) does not answer",
-                                                "unset RAY_ADDRESS"], env={"RAY_ADDRESS": "127.0.0.1:1"}, within_s=30),
+                                                "unset RAY_ADDRESS"], env={"RAY_ADDRESS": "127.0.0.1:1"}, within_s=60),
     Case("RAY_ADDRESS-of-the-dashboard", ["train"], ["RAY_ADDRESS='http://127.0.0.1:8265'", "dashboard (job API)"],
          env={"RAY_ADDRESS": "http://127.0.0.1:8265"}),
     Case("ray-address-not-host-port", ["train", "run.address=my-head"], ["not host:port", "run.address"]),
@@ -126,6 +129,9 @@ CASES = [
     Case("eval-unknown-transfer-dataset", ["eval", "transfer", "--ray", "--encoder", "{tmp}/out/ray_results/old",
                                            "--dataset", "imagenet21k"],
          ["unknown transfer dataset 'imagenet21k'", "digits"], checkpoint_of_other_config),
+    Case("eval-unreachable-RAY_ADDRESS", ["eval", "semi", "--ray", "--no-mlflow", "--encoder", "{tmp}/out/ray_results/old"],
+         ["RAY_ADDRESS='127.0.0.1:1' (from the environment) does not answer"], checkpoint_of_other_config,
+         env={"RAY_ADDRESS": "127.0.0.1:1"}, within_s=60),
     Case("sweep-unknown-preset", ["sweep", "no-such-preset"], ["unknown sweep preset", "tau"]),
     Case("report-without-a-store", ["report", "tau"], ["there is no MLflow store at", "run.output_dir="]),
     Case("sweep-malformed-file", ["sweep", "{tmp}/sweep.yaml"], ["sweep.yaml is not valid YAML", "Fix the syntax"],

@@ -62,6 +62,15 @@ def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None
         raise UserError(f"the Ray cluster at {source} does not answer ({e}). {_FIX_ADDRESS}") from None
 
 
+def check_address(address: str) -> bool:
+    """Fail in seconds when the cluster `ray.init(address)` would join does not answer; returns whether
+    it would start a local Ray instead."""
+    target, source = ray_target(address)
+    if target:
+        check_ray_address(target, source)
+    return not target
+
+
 def connect(address: str = "") -> bool:
     """ray.init unless already connected; returns whether this call connected (so the caller shuts down)."""
     if ray.is_initialized():
@@ -152,6 +161,8 @@ def reserve_worker_group(cfg: Config) -> None:
 
 def run_remote(fn: Callable[[Any], Any], arg: Any, address: str, cpus: float, gpus: float) -> Any:
     """`fn(arg)` as one Ray task with these resources, checked against the cluster first (Ray would wait)."""
+    if not ray.is_initialized():
+        check_address(address)
     started = connect(address)
     try:
         if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in _live_nodes()):

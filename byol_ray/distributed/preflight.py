@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..tracking.tracker import finished_run_id
 from ..tracking.uri import check_reachable, redact, resolve_tracking_uri
 from ..training.loop import steps_per_epoch
-from .cluster import check_ray_address, check_resources, ray_target, this_machine
+from .cluster import check_address, check_resources, this_machine
 
 
 def storage_path(cfg: Config) -> str:
@@ -40,10 +40,8 @@ def check_cluster(cfg: Config) -> None:
     before it starts. Already connected (a sweep's trial): the cluster is checked when the group is reserved."""
     if ray.is_initialized():
         return
-    address, source = ray_target(cfg.run.address)
-    if address:
-        check_ray_address(address, source)
-    elif not cfg.run.autoscaling:
+    starts_local_ray = check_address(cfg.run.address)
+    if starts_local_ray and not cfg.run.autoscaling:
         check_resources(cfg, this_machine())
 
 
