@@ -39,8 +39,8 @@ class Case:
     extra: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # on top of the test's environment
     # A bound on how long refusing takes, where the defect was a hang (a dead Ray address: 150 s and more of
-    # Ray's retries). Measured on the shared 2-core machine: 11-15 s, Python's imports included; the bound leaves room for a loaded
-    # machine and still catches the hang.
+    # Ray's retries). Measured on the shared 2-core machine: 11-15 s, Python's imports included; the bound
+    # leaves room for a loaded machine and still catches the hang.
     within_s: float = 0
 
 
