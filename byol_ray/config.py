@@ -405,7 +405,8 @@ def validate(cfg: Config) -> None:
     _check(m.predictor_layers >= 1, "model.predictor_layers", "must be >= 1")
 
     o = cfg.optim
-    _check(o.epochs >= 1, "optim.epochs", f"must be >= 1 (a run of 0 epochs trains and evaluates nothing), got {o.epochs}")
+    _check(o.epochs >= 1, "optim.epochs",
+           f"must be >= 1 (a run of 0 epochs trains and evaluates nothing), got {o.epochs}")
     _check(o.batch_size >= 2, "optim.batch_size", f"must be >= 2 (BatchNorm needs 2 samples), got {o.batch_size}")
     _check(o.accumulate_steps >= 1, "optim.accumulate_steps", "must be >= 1")
     _check(

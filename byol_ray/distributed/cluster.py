@@ -133,7 +133,8 @@ def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) ->
     if fit < r.num_workers:
         total_cpu = sum(c for c, _, _ in caps)
         total_gpu = sum(g for _, g, _ in caps)
-        where = "this machine (for the local Ray this run would start)" if local else f"the Ray cluster's {len(caps)} node(s)"
+        where = ("this machine (for the local Ray this run would start)" if local
+                 else f"the Ray cluster's {len(caps)} node(s)")
         raise ResourceError(
             f"the Ray cluster cannot hold {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU"
             + (f" + {need_gpu:g} GPU" if need_gpu else "")
