@@ -273,10 +273,10 @@ def test_safe_defaults():
     from byol_ray.cli.mlflow_server import build_parser
 
     package = REPO / "byol_ray"
-    loads = [(p.name, line) for p in package.glob("*.py") for line in p.read_text().splitlines()
+    loads = [(p.name, line) for p in package.rglob("*.py") for line in p.read_text().splitlines()
              if re.search(r"\btorch\.load\(", line)]
     assert loads and all("weights_only=True" in line for _, line in loads), loads
     assert build_parser().parse_args([]).host == "127.0.0.1"
     # The driver's local Ray (ray.init without an address) keeps the dashboard on Ray's default host.
     assert inspect.signature(ray.init).parameters["dashboard_host"].default == "127.0.0.1"
-    assert all("dashboard_host" not in p.read_text() or "127.0.0.1" in p.read_text() for p in package.glob("*.py"))
+    assert all("dashboard_host" not in p.read_text() or "127.0.0.1" in p.read_text() for p in package.rglob("*.py"))
