@@ -117,6 +117,7 @@ class ModelConfig:
     sync_batchnorm: bool = True  # only applied on GPUs: SyncBatchNorm raises on CPU tensors
     # NHWC activations: oneDNN's CPU convolutions and cuDNN's tensor-core kernels are both faster on them
     # (measured 1.4-1.5x for fwd+bwd of the default encoder on this repo's 2-core CPU). Same math in fp32.
+    # On a CPU it applies only where oneDNN is safe (core.model.memory_format): not at resnet18/34 width 4.
     channels_last: bool = True
 
 
