@@ -37,6 +37,7 @@ OPTIMIZERS = ("lars", "sgd", "adamw")
 TAU_SCHEDULES = ("cosine", "constant")
 TARGET_BN_MODES = ("ema", "copy")
 PRECISIONS = ("fp32", "bf16")
+CRASH_KINDS = ("kill", "user_error")
 
 
 @dataclass
@@ -121,6 +122,7 @@ class ModelConfig:
     sync_batchnorm: bool = True  # only applied on GPUs: SyncBatchNorm raises on CPU tensors
     # NHWC activations: oneDNN's CPU convolutions and cuDNN's tensor-core kernels are both faster on them
     # (measured 1.4-1.5x for fwd+bwd of the default encoder on this repo's 2-core CPU). Same math in fp32.
+    # On a CPU it applies only where oneDNN is safe (core.model.memory_format): not at resnet18/34 width 4.
     channels_last: bool = True
 
 
@@ -206,6 +208,9 @@ class DebugConfig:
     perturb_target_rank: int = -1  # add noise to this rank's target at the end of epoch 0
     crash_rank: int = -1  # this rank kills its own process (SIGKILL) ...
     crash_at_step: int = -1  # ... at this global step, once (a marker file records that it happened)
+    # "kill": the lost worker above (Ray restarts the group); "user_error": the rank raises a UserError at
+    # that step on every try instead, as an error in the user's input would (the run ends at once).
+    crash_kind: str = "kill"
 
 
 @dataclass
@@ -438,7 +443,8 @@ def _validate_fields(cfg: Config) -> None:
     _check(m.predictor_layers >= 1, "model.predictor_layers", "must be >= 1")
 
     o = cfg.optim
-    _check(o.epochs >= 0, "optim.epochs", f"must be >= 0, got {o.epochs}")
+    _check(o.epochs >= 1, "optim.epochs",
+           f"must be >= 1 (a run of 0 epochs trains and evaluates nothing), got {o.epochs}")
     _check(o.batch_size >= 2, "optim.batch_size", f"must be >= 2 (BatchNorm needs 2 samples), got {o.batch_size}")
     _check(o.accumulate_steps >= 1, "optim.accumulate_steps", "must be >= 1")
     _check(
@@ -486,7 +492,7 @@ def _validate_fields(cfg: Config) -> None:
     _check(r.log_every >= 1, "run.log_every", "must be >= 1")
     _check(r.torch_threads >= 0, "run.torch_threads", "must be >= 0")
     _choice(r.precision, PRECISIONS, "run.precision")
-
+    _choice(cfg.debug.crash_kind, CRASH_KINDS, "debug.crash_kind")
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -502,14 +508,30 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """Where and what a YAML syntax error is, in one line ('line 3, column 1: found character ...'), with
+    the fix for the one mistake YAML's own words do not explain: a tab."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(e, "problem", None) or " ".join(str(e).split())
+    if "'\\t'" in problem:
+        problem += " (YAML indents with spaces only: replace the tab with spaces)"
+    return where + problem
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist; pass a YAML file such as experiments/fmnist.yaml")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        d = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {p} is not valid YAML at {yaml_problem(e)}. Fix it there; "
+                          f"experiments/fmnist.yaml shows the expected layout.") from None
+    if d is None:
+        # Not the defaults in silence: those are the paper's 100-epoch ImageNet-length schedule.
+        raise ConfigError(f"config file {p} is empty. Put the sections to change in it (data:, model:, optim:, "
+                          f"...; experiments/fmnist.yaml is an example), or leave --config out to run the defaults.")
     if not isinstance(d, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections (data:, model:, ...)")
     return d

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, load_config, parse_override
+from .config import Config, ConfigError, load_config, parse_override, yaml_problem
 from .errors import UserError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments" / "sweeps"
@@ -157,7 +157,7 @@ def load_sweep(name_or_path: str, cli_overrides: list[str] | None = None) -> Swe
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise SweepError(f"{where} is not valid YAML ({' '.join(str(e).split())}). Fix the syntax at that line; "
+        raise SweepError(f"{where} is not valid YAML at {yaml_problem(e)}. Fix the syntax at that line; "
                          f"experiments/sweeps/tau.yaml shows the expected layout.") from None
     if not isinstance(raw, dict):
         raise SweepError(f"{where} must be a mapping with name:, base_config:, baseline: and variants:")

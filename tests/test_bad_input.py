@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,6 +37,11 @@ class Case:
     train_defaults: bool = True  # append output dir and tracking store overrides to `train`
     starts_ray: bool = False  # finding the problem needs the cluster (its resources)
     extra: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # on top of the test's environment
+    # A bound on how long refusing takes, where the defect was a hang (a dead Ray address: 150 s and more of
+    # Ray's retries). Measured on the shared 2-core machine: 11-15 s, Python's imports included; the bound
+    # leaves room for a loaded machine and still catches the hang.
+    within_s: float = 0
 
 
 def write(name: str, text: str) -> Callable[[Path], None]:
@@ -59,8 +65,19 @@ def checkpoint_of_other_config(tmp: Path) -> None:
                TrainState(trainer={}, epoch=1, in_channels=1, config=other.to_dict(), rng=torch.get_rng_state()))
 
 
+def finished_run(tmp: Path) -> None:
+    """A run `done` that FINISHED in the case's store, as `byol-ray train run.name=done` leaves it."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    exp = c.create_experiment("byol-ray", artifact_location=str(tmp / "mlartifacts"))
+    run = c.create_run(exp, tags={"byol_ray.run_name": "done"}, run_name="done")
+    c.set_terminated(run.info.run_id, "FINISHED")
+
+
 CASES = [
-    Case("negative-epochs", ["train", "optim.epochs=-1"], ["optim.epochs", "must be >= 0"]),
+    Case("negative-epochs", ["train", "optim.epochs=-1"], ["optim.epochs", "must be >= 1"]),
+    Case("zero-epochs", ["train", "optim.epochs=0"], ["optim.epochs", "must be >= 1", "trains and evaluates nothing"]),
     Case("int-not-a-number", ["train", "optim.batch_size=abc"], ["optim.batch_size", "expected an integer"]),
     Case("bool-not-a-bool", ["train", "tracking.enabled=maybe"], ["tracking.enabled", "expected true or false"]),
     Case("nan-learning-rate", ["train", "optim.base_lr=nan"], ["optim.base_lr", "finite number"]),
@@ -73,18 +90,33 @@ CASES = [
          ["optim.batch_size", "divide evenly"]),
     Case("missing-config-file", ["train", "--config", "{tmp}/nope.yaml"], ["does not exist", "experiments/fmnist.yaml"]),
     Case("config-not-yaml", ["train", "--config", "{tmp}/bad.yaml"], ["not valid YAML"], write("bad.yaml", "optim: [1,\n")),
+    Case("tab-in-config", ["train", "--config", "{tmp}/tab.yaml"],
+         ["tab.yaml is not valid YAML at line 2, column 1", "replace the tab with spaces"],
+         write("tab.yaml", "optim:\n\tepochs: 3\n")),
+    Case("empty-config-file", ["train", "--config", "{tmp}/empty.yaml"], ["empty.yaml is empty", "leave --config out"],
+         write("empty.yaml", "# to do\n")),
     Case("config-not-a-mapping", ["train", "--config", "{tmp}/list.yaml"], ["must hold a mapping"],
          write("list.yaml", "- optim\n- model\n")),
     Case("unknown-key-in-file", ["train", "--config", "{tmp}/k.yaml"], ["unknown config key optim.epoch"],
          write("k.yaml", "optim:\n  epoch: 3\n")),
     Case("missing-data-dir", ["train", "data.root={tmp}/no-such-dir"], ["data.root does not exist", "Fix"]),
     Case("corrupt-idx-file", ["train", "data.root={tmp}/fmnist"], ["train-images-idx3-ubyte.gz", "Fix"], corrupt_fmnist),
-    Case("unreachable-ray", ["train", "run.address=127.0.0.1:1"], ["does not answer", "ray start --head"]),
+    Case("unreachable-ray", ["train", "run.address=127.0.0.1:1"],
+         ["run.address='127.0.0.1:1' does not answer", "ray start --head"], within_s=60),
+    Case("unreachable-RAY_ADDRESS", ["train"], ["RAY_ADDRESS='127.0.0.1:1' (from the environment) does not answer",
+                                                "unset RAY_ADDRESS"], env={"RAY_ADDRESS": "127.0.0.1:1"}, within_s=60),
+    Case("RAY_ADDRESS-of-the-dashboard", ["train"], ["RAY_ADDRESS='http://127.0.0.1:8265'", "dashboard (job API)"],
+         env={"RAY_ADDRESS": "http://127.0.0.1:8265"}),
     Case("ray-address-not-host-port", ["train", "run.address=my-head"], ["not host:port", "run.address"]),
     Case("unreachable-mlflow", ["train", "tracking.tracking_uri=http://127.0.0.1:1"],
          ["tracking server http://127.0.0.1:1 is unreachable", "byol-ray mlflow-server"]),
     Case("impossible-resources", ["train", "run.num_workers=64", "run.cpus_per_worker=1", "optim.batch_size=256"],
-         ["cannot hold 64 worker(s)", "Lower run.num_workers"], starts_ray=True),
+         ["cannot hold 64 worker(s)", "this machine", "Lower run.num_workers"]),
+    Case("impossible-gpus", ["train", "run.gpus_per_worker=64"], ["cannot hold 1 worker(s)", "+ 64 GPU", "this machine"]),
+    Case("too-few-images-for-a-batch", ["train", "data.train_subset=10", "optim.batch_size=64"],
+         ["optim.batch_size=64 is larger than the 10 training images (data.train_subset=10)", "Lower optim.batch_size"]),
+    Case("rerun-of-a-finished-run", ["train", "run.name=done"],
+         ["run.name='done' already finished: MLflow run ", "nothing was started", "run.name=done-2"], finished_run),
     Case("checkpoint-of-another-config", ["train", "run.name=old", "model.width=16"],
          ["different config", "model.width: checkpoint 8 vs config 16", "new run with a different run.name"],
          checkpoint_of_other_config),
@@ -97,7 +129,11 @@ CASES = [
     Case("eval-unknown-transfer-dataset", ["eval", "transfer", "--ray", "--encoder", "{tmp}/out/ray_results/old",
                                            "--dataset", "imagenet21k"],
          ["unknown transfer dataset 'imagenet21k'", "digits"], checkpoint_of_other_config),
+    Case("eval-unreachable-RAY_ADDRESS", ["eval", "semi", "--ray", "--no-mlflow", "--encoder", "{tmp}/out/ray_results/old"],
+         ["RAY_ADDRESS='127.0.0.1:1' (from the environment) does not answer"], checkpoint_of_other_config,
+         env={"RAY_ADDRESS": "127.0.0.1:1"}, within_s=60),
     Case("sweep-unknown-preset", ["sweep", "no-such-preset"], ["unknown sweep preset", "tau"]),
+    Case("report-without-a-store", ["report", "tau"], ["there is no MLflow store at", "run.output_dir="]),
     Case("sweep-malformed-file", ["sweep", "{tmp}/sweep.yaml"], ["sweep.yaml is not valid YAML", "Fix the syntax"],
          write("sweep.yaml", "variants: [\n")),
     Case("mlflow-server-bad-port", ["mlflow-server", "--port", "70000"], ["not a TCP port", "1-65535"]),
@@ -122,19 +158,20 @@ def run_cli(case: Case, tmp: Path, ray_tmp: Path, debug: bool = False) -> subpro
         argv[1:1] = [f"run.output_dir={tmp / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp}/mlflow.db"]
     if debug:
         argv.insert(1, "--debug")
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), **case.env}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, "-m", "byol_ray.cli", *argv], cwd=tmp, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
-def running_runs(tmp: Path) -> list[str]:
+def runs(tmp: Path) -> list[tuple[str, str]]:
+    """(run id, status) of every run in the case's store."""
     db = tmp / "mlflow.db"
     if not db.exists():
         return []
     with sqlite3.connect(db) as con:
         try:
-            return [r[0] for r in con.execute("SELECT run_uuid FROM runs WHERE status = 'RUNNING'")]
+            return sorted(con.execute("SELECT run_uuid, status FROM runs"))
         except sqlite3.OperationalError:  # no tables: MLflow never created a run
             return []
 
@@ -146,7 +183,10 @@ def test_bad_input_fails_with_one_clear_paragraph(case: Case, tmp_path: Path, ra
         pytest.skip("Fashion-MNIST not installed")
     if case.setup:
         case.setup(tmp_path)
+    before = runs(tmp_path)
+    t0 = time.monotonic()
     proc = run_cli(case, tmp_path, ray_tmp)
+    seconds = time.monotonic() - t0
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
@@ -159,7 +199,10 @@ def test_bad_input_fails_with_one_clear_paragraph(case: Case, tmp_path: Path, ra
     if not case.starts_ray:
         assert not any(ray_tmp.iterdir()), f"a Ray session was started: {list(ray_tmp.iterdir())}"
     assert cluster_pids(str(ray_tmp)) == [], "the local Ray outlived the command"
-    assert running_runs(tmp_path) == []
+    assert runs(tmp_path) == before, "a run was created or changed"
+    assert not (tmp_path / "outputs").exists(), "a default output folder (or MLflow store) was created"
+    if case.within_s:
+        assert seconds < case.within_s, f"took {seconds:.0f} s to refuse"
 
 
 def test_debug_shows_the_traceback(tmp_path: Path, ray_tmp: Path):

@@ -133,8 +133,11 @@ def test_parse_override():
     assert parse_override("run.address=") == ("run.address", "")
 
 
-def test_empty_yaml_file_is_the_defaults(tmp_path):
-    assert load_config(write(tmp_path, "")) == Config()
+def test_empty_yaml_file_is_refused_not_the_defaults(tmp_path):
+    # The defaults are a 100-epoch schedule: an empty (or comments-only) file is a mistake, not a request.
+    for text in ("", "# nothing yet\n"):
+        with pytest.raises(ConfigError, match="is empty.*leave --config out"):
+            load_config(write(tmp_path, text))
 
 
 # ---- flat and replace ---------------------------------------------------------------------------

@@ -1,11 +1,16 @@
 """`ray job submit` against a real `ray start --head` cluster (dashboard on 127.0.0.1), with the run found
-afterwards in the MLflow store the job wrote to."""
+afterwards in the MLflow store the job wrote to, whole once the cluster and its session folder are gone.
+
+Each cluster has its own --temp-dir and is ended by its processes only: `ray stop` would end every Ray
+on the machine, and a head started in the default temp dir is the one every plain `ray.init()` joins."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -13,9 +18,12 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
+from byol_ray.core.state import encoder_from_state, latest_checkpoint, load_state
+from byol_ray.tracking.models import load_model_weights
 from byol_ray.tracking.server import free_port
-from helpers import TINY
+from helpers import TINY, kill_cluster
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -46,57 +54,89 @@ def wait_for_dashboard(address: str, timeout_s: float = 120) -> None:
 
 
 @pytest.fixture
-def head_node(tmp_path):
-    port, dash = free_port(), free_port()
-    env = ray_env()
-    start = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"]
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
-    address = f"http://127.0.0.1:{dash}"
+def head_node():
+    """(job API address, the cluster's temp dir). Its own ports, so that it runs beside other clusters."""
+    temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")  # short: Ray's unix sockets live under it
+    dash = free_port()
+    start = [str(BIN / "ray"), "start", "--head", f"--port={free_port()}", "--num-cpus=4", f"--temp-dir={temp_dir}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
+             f"--ray-client-server-port={free_port()}", "--disable-usage-stats"]
     try:
+        proc = subprocess.run(start, env=ray_env(), capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        address = f"http://127.0.0.1:{dash}"
         wait_for_dashboard(address)
-        yield address
+        yield address, temp_dir
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        kill_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def submit_job(address: str, submission_id: str, entry: list[str]) -> subprocess.CompletedProcess:
     """`ray job submit` of this repository as the working dir; waits for the job and returns its output."""
     submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission_id,
               "--working-dir", str(REPO),
-              "--runtime-env-json", '{"excludes": [".venv", "outputs", ".git", "*.db"]}', "--", *entry]
+              "--runtime-env-json", '{"excludes": [".venv", "outputs", ".git", "mlruns", "*.db"]}', "--", *entry]
     proc = subprocess.run(submit, env=ray_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
-def test_training_submitted_as_a_ray_job(head_node, tmp_path):
+def test_training_submitted_as_a_ray_job_keeps_its_artifacts(head_node, tmp_path):
+    """The README's job flow: training, then its evaluation, as jobs. Then the cluster is ended and its
+    session folder (where Ray unpacked the job's working dir) deleted: the run's artifacts (config,
+    evaluation table, the encoder as an MLflow model) are all in the run's output folder and load back."""
+    address, temp_dir = head_node
     out = tmp_path / "out"
     env = ray_env()
-    proc = submit_job(head_node, "byol-job-test", ["python", "-m", "byol_ray.train", *TINY, "optim.epochs=2",
-                                                   f"run.output_dir={out}", "run.name=job", "tracking.log_model=false"])
-    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", head_node, "byol-job-test"],
+    proc = submit_job(address, "byol-job-test", ["python", "-m", "byol_ray.train", *TINY, "optim.epochs=2",
+                                                 f"run.output_dir={out}", "run.name=job"])
+    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "byol-job-test"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert "byol-job-test' succeeded" in (status.stdout + status.stderr).lower()  # status SUCCEEDED
     assert "[driver] done" in proc.stdout
-    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    uri = f"sqlite:///{out}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["byol-ray"])
     assert list(runs["status"]) == ["FINISHED"]
     assert runs.iloc[0]["tags.byol_ray.run_name"] == "job"
     assert runs.iloc[0]["metrics.eval/byol/linear_top1"] > 10
+    run_id = runs.iloc[0]["run_id"]
 
     # The evaluation of that run as a second job, its protocol in a Ray task on the same cluster: a child
     # run of the pretraining run, in the same store.
-    proc = submit_job(head_node, "byol-eval-test", [
+    proc = submit_job(address, "byol-eval-test", [
         "python", "-m", "byol_ray.cli", "eval", "transfer", "--ray", "--cpus", "1", "--encoder",
         str(out / "ray_results" / "job"), "--dataset", "digits", "--weight-decays", "1e-3,1",
         "--train-subset", "300", "--test-subset", "200"])
     assert "| BYOL - untrained encoder |" in proc.stdout
-    children = mlflow.search_runs(experiment_names=["byol-ray"],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{runs.iloc[0]['run_id']}'")
+    children = mlflow.search_runs(experiment_names=["byol-ray"], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
     assert len(children) == 1 and children.iloc[0]["status"] == "FINISHED"
     assert children.iloc[0]["params.evaluation.protocol"] == "transfer"
     assert children.iloc[0]["metrics.byol/digits_linear_top_1"] > 30
+
+    kill_cluster(temp_dir)
+    sessions = list(Path(temp_dir).glob("session_*"))
+    assert sessions and any(Path(temp_dir).rglob("working_dir_files")), "not where Ray unpacks a job's working dir"
+    shutil.rmtree(temp_dir)
+
+    client = mlflow.tracking.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("byol-ray")
+    assert experiment.artifact_location == str(out / "mlartifacts")
+    for rid in [run_id, children.iloc[0]["run_id"]]:
+        assert client.get_run(rid).info.artifact_uri.startswith(f"{out}/mlartifacts/"), rid
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert len(models) == 1 and models[0].source_run_id == run_id
+    assert models[0].artifact_location.startswith(f"{out}/mlartifacts/")
+    table = Path(client.download_artifacts(run_id, "eval_table.md", str(tmp_path))).read_text()
+    assert "| BYOL (online encoder) |" in table
+    assert "| BYOL - untrained encoder |" in Path(client.download_artifacts(children.iloc[0]["run_id"], "eval_transfer.md",
+                                                       str(tmp_path))).read_text()
+    # The logged encoder is the final checkpoint's.
+    weights = load_model_weights(f"models:/{models[0].model_id}", uri)
+    final = encoder_from_state(load_state(latest_checkpoint(out / "ray_results" / "job"))).state_dict()
+    assert weights.keys() == final.keys()
+    assert all(torch.equal(weights[k], final[k]) for k in final)
 
 
 def test_rerunning_the_command_resumes_a_run_whose_driver_died(tmp_path):
@@ -107,7 +147,8 @@ def test_rerunning_the_command_resumes_a_run_whose_driver_died(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "byol_ray.train", *TINY, "optim.epochs=8", "run.num_workers=1",
            f"run.output_dir={out}", "run.name=phoenix", "tracking.log_model=false"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    ray_tmp = tempfile.mkdtemp(prefix="rph", dir="/tmp")  # this test's local Ray, ended by its processes
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp}
     env.pop("MLFLOW_TRACKING_URI", None)
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
@@ -119,9 +160,13 @@ def test_rerunning_the_command_resumes_a_run_whose_driver_died(tmp_path):
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=60)
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    kill_cluster(ray_tmp)
 
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    try:
+        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        kill_cluster(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "[driver] resuming MLflow run" in second.stdout
     mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")

@@ -65,22 +65,22 @@ def test_a_budgeted_run_plans_from_its_measured_rate_and_ends_on_time(tmp_path, 
 
 
 def test_a_budgeted_run_killed_and_resumed_matches_the_same_plan_uninterrupted(tmp_path, fmnist_root):
-    cfg = cfg_of(fmnist_root, **{"optim.time_budget_minutes": 0.2})
+    cfg = cfg_of(fmnist_root, **{"optim.time_budget_minutes": 0.2, "optim.steps_per_epoch": 8})
 
     class Killed(RuntimeError):
         pass
 
-    class DiesAfterEpoch2(LocalSession):
+    class DiesAfterEpoch1(LocalSession):
         def report(self, metrics, state=None):
             super().report(metrics, state)
-            if metrics["epoch"] == 2:
+            if metrics["epoch"] == 1:
                 raise Killed
 
     with pytest.raises(Killed):
-        pretrain(cfg, DiesAfterEpoch2(tmp_path / "killed", keep=2))
+        pretrain(cfg, DiesAfterEpoch1(tmp_path / "killed", keep=2))
     session = LocalSession(tmp_path / "killed", keep=2)
     plan = StepPlan(**session.latest_state().plan)
-    assert plan.budget_s and plan.epochs > 2
+    assert plan.budget_s and plan.epochs > 1
     # The rerun keeps the stored plan even under another budget, and does not measure again.
     resumed = pretrain(cfg.replace({"optim.time_budget_minutes": 5.0}), session)
     assert resumed["plan"] == plan and resumed["trainer"].step == plan.total_steps

@@ -10,10 +10,11 @@ import mlflow
 import pytest
 import torch
 
-from byol_ray.core.state import load_state
+from byol_ray.core.state import latest_checkpoint, load_state
 from byol_ray.config import load_config
 from byol_ray.distributed.cluster import ResourceError
 from byol_ray.distributed.driver import run_training
+from byol_ray.errors import UserError
 from helpers import TINY
 
 pytestmark = pytest.mark.ray
@@ -108,6 +109,42 @@ def test_killed_worker_resumes_bit_exactly(ray_local, tmp_path):
     assert run.data.tags["restarts"] == "1"
     hist = client.get_metric_history(crashed["run_id"], "restarts")
     assert [m.value for m in hist if m.step == 3] == [1.0]
+
+
+def test_a_torn_latest_checkpoint_resumes_from_the_one_before(ray_local, tmp_path, capsys):
+    """A truncated state.pt in the newest checkpoint (a disk that lost its tail): the rerun says so and
+    resumes from the checkpoint before it, retracing the lost epoch bit for bit."""
+    cfg = tiny(tmp_path, "run.name=torn", "run.num_workers=1", "tracking.enabled=false", "eval.final=false")
+    first = final_state(run_training(cfg))
+    run_dir = tmp_path / "ray_results" / "torn"
+    latest = latest_checkpoint(run_dir)
+    state_file = latest / "state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:1000])
+
+    out = run_training(cfg)
+    said = capsys.readouterr().out
+    assert f"the checkpoint {latest} cannot be read" in said and "resumes from the one before it" in said
+    assert out["metrics"]["epoch"] == 3 and out["metrics"]["restarts"] == 1
+    again = final_state(out).trainer
+    for part in ("online", "target"):
+        for k in first.trainer[part]:
+            assert torch.equal(first.trainer[part][k], again[part][k]), f"{part}.{k} differs"
+
+
+def test_a_user_error_in_a_worker_is_not_retried(ray_local, tmp_path):
+    """An error from the user's input raised in a worker (injected on rank 1 in epoch 2) ends the run at
+    once: the driver raises that UserError itself, although run.max_failures allows 3 retries."""
+    # No checkpoint before the end: each attempt would train (and log) epoch 1 again.
+    cfg = tiny(tmp_path, "run.name=bad", "debug.crash_rank=1", "debug.crash_at_step=4",
+               "debug.crash_kind=user_error", "run.max_failures=3", "run.checkpoint_every=10")
+    with pytest.raises(UserError, match="debug.crash_kind=user_error: rank 1 raised this at step 4"):
+        run_training(cfg)
+    runs = search(tmp_path)
+    assert list(runs["status"]) == ["FAILED"]
+    assert runs.iloc[0]["tags.error"].startswith("UserError: debug.crash_kind=user_error")
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    epoch1 = [m for m in client.get_metric_history(runs.iloc[0]["run_id"], "loss") if m.step == 1]
+    assert len(epoch1) == 1, "the worker group was started again"
 
 
 @pytest.mark.parametrize("extra,needle", [

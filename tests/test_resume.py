@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from byol_ray.core.state import STATE_FILE, TrainState, check_compatible, load_state, save_state
+from byol_ray.core.state import (STATE_FILE, CheckpointError, TrainState, check_compatible, load_state,
+                                 resumable_checkpoint, save_state)
 from byol_ray.config import Config, ConfigError
 from byol_ray.core.engine import InputSpec, Pretrainer
 from byol_ray.training.loop import pretrain
@@ -92,6 +93,28 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     assert a.loss == b.loss and a.repr_std == b.repr_std
     for (n, p), q in zip(tr.target.named_parameters(), fresh.target.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_resumable_checkpoint_passes_over_torn_ones_and_says_which(tmp_path):
+    cfg = tiny_cfg()
+    names = ["checkpoint_2026-01-01_00-00-01.000000", "checkpoint_2026-01-01_00-00-02.000000",
+             "checkpoint_2026-01-01_00-00-03.000000"]
+    for epoch, name in enumerate(names, 1):
+        save_state(tmp_path / name, TrainState(trainer={}, epoch=epoch, in_channels=1, config=cfg.to_dict(),
+                                               rng=torch.get_rng_state()))
+    assert resumable_checkpoint(tmp_path / "none") is None
+    state, skipped = resumable_checkpoint(tmp_path)
+    assert state.epoch == 3 and skipped == []
+    # Ray never registered the newest one: `newest` leaves it out.
+    assert resumable_checkpoint(tmp_path, newest=names[1])[0].epoch == 2
+    torn = tmp_path / names[2] / STATE_FILE
+    torn.write_bytes(torn.read_bytes()[:500])
+    shutil.rmtree(tmp_path / names[1])  # a folder deleted by hand is simply not there
+    state, skipped = resumable_checkpoint(tmp_path)
+    assert state.epoch == 1 and [p.name for p, _ in skipped] == [names[2]]
+    (tmp_path / names[0] / STATE_FILE).unlink()  # a folder without its state file
+    with pytest.raises(CheckpointError, match=f"none of its 2 checkpoint.*{names[2]}.*new run.name"):
+        resumable_checkpoint(tmp_path)
 
 
 def test_load_state_refuses_pickled_objects(tmp_path):

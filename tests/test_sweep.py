@@ -215,7 +215,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, f
         first_done = pd.DataFrame()
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(2)
-            if not (tmp_path / "out" / "mlflow.db").exists():
+            # Read the store only once the sweep has made it: MLflow creates a SQLite store's tables in
+            # several migrations, and a second process opening it meanwhile can break them.
+            if "[sweep] new sweep" not in (tmp_path / "first.log").read_text():
                 continue
             try:
                 kids = children(tmp_path)

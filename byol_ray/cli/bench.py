@@ -19,12 +19,14 @@ from ..training.bench import flat_metrics, run_bench, table
 
 def log_to_mlflow(cfg: Config, res: dict[str, Any], json_path: Path | None) -> str:
     # Imported here: the GPU check machine runs the benchmark without MLflow installed.
-    from ..tracking.tracker import Tracker
+    from ..tracking.tracker import RUN_NAME_TAG, Tracker
     from ..tracking.uri import check_reachable, resolve_tracking_uri
 
     check_reachable(resolve_tracking_uri(cfg))
     s = res["setup"]
-    tracker = Tracker.start(cfg, tags={"byol_ray.kind": "bench", "device_name": s["device_name"]},
+    # Its own run-name tag: a training of the same run.name must not take this run for itself.
+    tracker = Tracker.start(cfg, tags={RUN_NAME_TAG: f"{cfg.run.name}/bench", "byol_ray.kind": "bench",
+                                       "device_name": s["device_name"]},
                             run_name=f"bench-{s['backbone']}-{s['image_size']}px-b{s['batch_size']}")
     tracker.log_metrics(flat_metrics(res), step=0)
     if json_path is not None:

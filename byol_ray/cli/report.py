@@ -17,7 +17,7 @@ from ..sweep_spec import load_sweep
 from ..tracking.report import build_report
 from ..tracking.runs import sweep_parent_id
 from ..tracking.tracker import Tracker
-from ..tracking.uri import check_reachable, resolve_tracking_uri
+from ..tracking.uri import check_store_exists, resolve_tracking_uri
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_sweep(args.sweep, args.overrides)
         cfg = spec.trial_config(spec.baseline, spec.seeds[0], args.overrides)
         uri = resolve_tracking_uri(cfg)
-        check_reachable(uri)
+        check_store_exists(uri, f"sweep {spec.name!r}")
         run_id = args.run_id or sweep_parent_id(uri, cfg.tracking.experiment, spec.name)
         out = Path(args.output_dir) if args.output_dir else cfg.output_dir / f"sweep-{spec.name}"
         build_report(Tracker(uri, run_id), out)

@@ -21,7 +21,7 @@ from ..data.augment import TwoViews
 from ..seeding import epoch_seed
 from .ema import EMA, tau_at
 from .loss import byol_loss
-from .model import OnlineNetwork, make_target, two_view_forward, unwrap
+from .model import OnlineNetwork, make_target, memory_format, two_view_forward, unwrap
 from .optim import build_optimizer, peak_lr, set_lr
 from .schedules import warmup_cosine
 
@@ -88,7 +88,7 @@ class Pretrainer:
         # Same seed on every rank: identical initial weights even before DDP's broadcast.
         torch.manual_seed(cfg.run.seed)
         online = OnlineNetwork(cfg.model, inputs.channels).to(device)
-        self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        self.memory_format = memory_format(cfg.model.channels_last, online, device)
         online = online.to(memory_format=self.memory_format)
         if device.type == "cuda" and world_size > 1 and cfg.model.sync_batchnorm:
             online = nn.SyncBatchNorm.convert_sync_batchnorm(online)

@@ -50,6 +50,31 @@ class ResNetEncoder(torchvision.models.ResNet):
         return super()._make_layer(block, planes * self._width // 64, blocks, stride, dilate)
 
 
+# oneDNN (torch 2.14.1's CPU convolutions) corrupts the heap in the backward pass of a channels_last
+# (NHWC) 1x1 convolution with stride > 1 and fewer than 8 input channels (one AVX2 register of fp32) on
+# CPUs without AVX-512: glibc then aborts ("corrupted double-linked list", "free(): invalid next size").
+# Measured with ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU, 1 thread, 2 runs each: in_channels 1-7 crash
+# every time, 8, 9, 10, 12, 16, 20 and 24 never; 3x3 and 2x2 strided convs, stride-1 1x1 convs and the
+# contiguous format never do. In our ResNets that conv is the shortcut into layer2 of resnet18/34 at
+# model.width=4 (the tests' width); resnet50's shortcuts have 4 x width inputs.
+NHWC_MIN_STRIDED_1X1_CHANNELS = 8
+
+
+def nhwc_unsafe_convs(module: nn.Module) -> list[str]:
+    """The convolutions of `module` that channels_last would run into the oneDNN heap corruption above."""
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+            and m.in_channels < NHWC_MIN_STRIDED_1X1_CHANNELS]
+
+
+def memory_format(channels_last: bool, module: nn.Module, device: torch.device) -> torch.memory_format:
+    """The activation layout to train `module` in: channels_last when asked for (model.channels_last), on
+    CUDA always, on a CPU only where oneDNN handles every convolution of the module safely."""
+    if channels_last and (device.type == "cuda" or not nhwc_unsafe_convs(module)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def mlp(in_dim: int, hidden: int, out: int, layers: int = 2) -> nn.Sequential:
     """The paper's head: (Linear -> BatchNorm -> ReLU) x (layers-1) -> Linear. layers=1 is one Linear."""
     mods: list[nn.Module] = []

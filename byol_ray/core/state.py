@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError
+from ..errors import UserError
 from .model import OnlineNetwork
 
 STATE_FILE = "state.pt"
@@ -69,6 +70,34 @@ def load_state(directory: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file {path}")
     return TrainState.from_file_dict(torch.load(path, map_location=map_location, weights_only=True))
+
+
+class CheckpointError(UserError):
+    """A run has checkpoints, but none of them can be read."""
+
+
+def resumable_checkpoint(run_dir: str | os.PathLike,
+                         newest: str = "") -> tuple[TrainState, list[tuple[Path, str]]] | None:
+    """The newest checkpoint of a Ray Train run folder that loads, and the newer ones passed over because
+    they could not be (each with why); None when the folder has no checkpoint. `newest` (a checkpoint
+    folder name) ignores later ones: those Ray never registered.
+
+    A checkpoint is written atomically, but a disk can still tear or lose one. Falling back to the one
+    before it (Ray keeps run.keep_checkpoints of them) resumes the run instead of leaving it stuck: Ray's
+    run folder remembers every checkpoint it registered, so deleting the torn folder by hand would not."""
+    found = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and (not newest or p.name <= newest))
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(found):
+        try:
+            return load_state(path), skipped
+        except Exception as e:  # a torn or foreign file: torch raises several types
+            skipped.append((path, f"{type(e).__name__}: {str(e)[:200]}"))
+    if skipped:
+        raise CheckpointError(
+            f"none of its {len(skipped)} checkpoint(s) in {run_dir} can be read (the newest, {skipped[0][0].name}: "
+            f"{skipped[0][1]}). Start the run again under a new run.name; this folder can then be deleted."
+        )
+    return None
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

@@ -84,12 +84,18 @@ def load_split(cfg: DataConfig, split: str) -> ImageData:
     return _format(cfg).read(cfg, split, limit)
 
 
-def check_data(cfg: DataConfig) -> None:
+def check_data(cfg: DataConfig) -> int | None:
     """Cheap pre-flight before starting workers: the train and test files exist and their headers and
-    sizes are consistent. Reads headers and file sizes only, never all the pixels."""
+    sizes are consistent. Reads headers and file sizes only, never all the pixels.
+
+    Returns how many training images a run reads (after data.train_subset); None where only reading the
+    data would tell (CIFAR's pickles), unless the subset bounds it."""
     fmt = _format(cfg)
-    for split in ("train", "test"):
-        fmt.check(cfg, split)
+    n_train = fmt.check(cfg, "train")
+    fmt.check(cfg, "test")
+    if cfg.train_subset:
+        return cfg.train_subset if n_train is None else min(n_train, cfg.train_subset)
+    return n_train
 
 
 def channel_stats(images: torch.Tensor, chunk_elems: int = 1 << 24) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -280,10 +286,11 @@ def _read_fashion_mnist(cfg: DataConfig, split: str, limit: int) -> ImageData:
     return _finish(cfg, split, ipath, images[:, None], labels, FASHION_MNIST_CLASSES, limit)
 
 
-def _check_fashion_mnist(cfg: DataConfig, split: str) -> None:
+def _check_fashion_mnist(cfg: DataConfig, split: str) -> int:
     ipath, lpath = _idx_paths(cfg, split)
     n_images = _idx_dims(cfg, ipath, _IDX_IMAGES)[0]
     _same_count(cfg, ipath, n_images, lpath, _idx_dims(cfg, lpath, _IDX_LABELS)[0])
+    return n_images
 
 
 # ---- cifar10 / cifar100: python pickles ---------------------------------------------------------
@@ -353,7 +360,7 @@ def _read_cifar(cfg: DataConfig, split: str, limit: int) -> ImageData:
     return _finish(cfg, split, files[0], np.concatenate(images), np.concatenate(labels), classes, limit)
 
 
-def _check_cifar(cfg: DataConfig, split: str) -> None:
+def _check_cifar(cfg: DataConfig, split: str) -> None:  # counting would mean unpickling
     files, meta = _cifar_files(cfg, split)
     for path in (*files, meta):
         # Every pickle ends with the STOP opcode '.': a cheap truncation test without unpickling.
@@ -397,9 +404,11 @@ def _read_stl10(cfg: DataConfig, split: str, limit: int) -> ImageData:
     return _finish(cfg, split, xpath, images, labels, classes, limit)
 
 
-def _check_stl10(cfg: DataConfig, split: str) -> None:
+def _check_stl10(cfg: DataConfig, split: str) -> int:
     xpath, ypath, _ = _stl_files(cfg, split)
-    _same_count(cfg, xpath, _stl_count(cfg, xpath), ypath, ypath.stat().st_size)  # labels: one byte each
+    n_images = _stl_count(cfg, xpath)
+    _same_count(cfg, xpath, n_images, ypath, ypath.stat().st_size)  # labels: one byte each
+    return n_images
 
 
 # ---- folder: ImageNet-style class folders -------------------------------------------------------
@@ -479,15 +488,15 @@ def _read_folder(cfg: DataConfig, split: str, limit: int) -> ImageData:
     return _finish(cfg, split, files[0][0].parent.parent, out, labels, classes, 0)
 
 
-def _check_folder(cfg: DataConfig, split: str) -> None:
-    folder_files(cfg, split)
+def _check_folder(cfg: DataConfig, split: str) -> int:
+    return len(folder_files(cfg, split)[0])
 
 
 # ---- dispatch -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Format:
     read: Callable[[DataConfig, str, int], ImageData]
-    check: Callable[[DataConfig, str], None]
+    check: Callable[[DataConfig, str], int | None]  # the split's image count, where cheap to know
 
 
 _FORMATS = {

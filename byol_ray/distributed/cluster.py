@@ -7,6 +7,7 @@ group..."). Everything here fails in seconds instead, with a paragraph that says
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any, Callable
 
@@ -20,22 +21,54 @@ class ResourceError(UserError):
     pass
 
 
-_FIX_ADDRESS = ("Start the cluster (`ray start --head`), fix run.address (host:port of the head, 6379 by "
-                "default; ray://host:10001 for Ray Client), or leave run.address empty to start a local Ray.")
+_FIX_ADDRESS = ("Start the cluster (`ray start --head`), fix the address (host:port of the head, 6379 by "
+                "default; ray://host:10001 for Ray Client), or leave run.address empty and unset RAY_ADDRESS to "
+                "start a local Ray.")
 
 
-def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+def ray_target(address: str) -> tuple[str, str]:
+    """(the address `ray.init` will connect to, where that address comes from); ('', '') when it will start
+    a local Ray. Ray's own order: run.address, else $RAY_ADDRESS, else the cluster the last `ray start` on
+    this machine recorded in Ray's temp folder, else a new local Ray."""
+    if address == "local":
+        return "", ""
+    if address and address != "auto":
+        return address, f"run.address={address!r}"
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env:
+        return env, f"RAY_ADDRESS={env!r} (from the environment)"
+    from ray._private.utils import read_ray_address  # where `ray start` records its cluster
+
+    recorded = read_ray_address()
+    if recorded:
+        return recorded, f"{recorded!r}, the cluster of the last `ray start` on this machine"
+    return ("auto", "run.address='auto'") if address == "auto" else ("", "")
+
+
+def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds when `address` does not answer: ray.init retries an unreachable address for many
-    minutes. ("auto", "local" and "" need no check: they find or start a cluster.)"""
-    if address in ("", "auto", "local"):
+    minutes. ("auto" needs no check: it finds a cluster or fails at once.)"""
+    if address in ("", "auto"):
         return
+    if address.startswith(("http://", "https://")):
+        raise UserError(f"{source} is a Ray dashboard (job API) address: `ray job` commands use it, but a driver "
+                        f"connects to the cluster itself. {_FIX_ADDRESS}")
     host, _, port = address.removeprefix("ray://").rstrip("/").rpartition(":")
     if not host or not port.isdigit():
-        raise UserError(f"run.address={address!r} is not host:port. {_FIX_ADDRESS}")
+        raise UserError(f"{source} is not host:port. {_FIX_ADDRESS}")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as e:
-        raise UserError(f"the Ray cluster at run.address={address!r} does not answer ({e}). {_FIX_ADDRESS}") from None
+        raise UserError(f"the Ray cluster at {source} does not answer ({e}). {_FIX_ADDRESS}") from None
+
+
+def check_address(address: str) -> bool:
+    """Fail in seconds when the cluster `ray.init(address)` would join does not answer; returns whether
+    it would start a local Ray instead."""
+    target, source = ray_target(address)
+    if target:
+        check_ray_address(target, source)
+    return not target
 
 
 def connect(address: str = "") -> bool:
@@ -63,11 +96,20 @@ def _live_nodes() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
-def _node_capacities(cfg: Config) -> list[tuple[float, float, int]]:
-    """(CPUs, GPUs, workers that fit) for each live node; a worker cannot span nodes."""
+def this_machine() -> list[dict[str, float]]:
+    """The one node a local Ray would start with: the CPUs Ray counts here (cgroup limits included) and
+    the GPUs CUDA sees."""
+    import torch
+    from ray._private.utils import get_num_cpus
+
+    return [{"CPU": float(get_num_cpus()), "GPU": float(torch.cuda.device_count())}]
+
+
+def _node_capacities(cfg: Config, nodes: list[dict[str, float]]) -> list[tuple[float, float, int]]:
+    """(CPUs, GPUs, workers that fit) for each node; a worker cannot span nodes."""
     need_gpu = worker_resources(cfg).get("GPU", 0.0)
     out = []
-    for res in _live_nodes():
+    for res in nodes:
         cpu, gpu = res.get("CPU", 0.0), res.get("GPU", 0.0)
         by_cpu = int(cpu // cfg.run.cpus_per_worker + 1e-9)
         by_gpu = int(gpu // need_gpu + 1e-9) if need_gpu else by_cpu
@@ -76,25 +118,29 @@ def _node_capacities(cfg: Config) -> list[tuple[float, float, int]]:
 
 
 def worker_capacity(cfg: Config) -> int:
-    """How many of this config's workers the cluster holds at once."""
-    return sum(fit for _, _, fit in _node_capacities(cfg))
+    """How many of this config's workers the connected cluster holds at once."""
+    return sum(fit for _, _, fit in _node_capacities(cfg, _live_nodes()))
 
 
-def check_resources(cfg: Config) -> None:
-    """Fail in seconds when the cluster can never hold the worker group (Ray would wait forever)."""
+def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) -> None:
+    """Fail in seconds when the cluster (`nodes`; default: the connected cluster's live nodes) can never
+    hold the worker group (Ray would wait forever)."""
     r = cfg.run
     need_gpu = worker_resources(cfg).get("GPU", 0.0)
-    nodes = _node_capacities(cfg)
-    fit = sum(f for _, _, f in nodes)
+    local = nodes is not None
+    caps = _node_capacities(cfg, _live_nodes() if nodes is None else nodes)
+    fit = sum(f for _, _, f in caps)
     if fit < r.num_workers:
-        total_cpu = sum(c for c, _, _ in nodes)
-        total_gpu = sum(g for _, g, _ in nodes)
+        total_cpu = sum(c for c, _, _ in caps)
+        total_gpu = sum(g for _, g, _ in caps)
+        where = ("this machine (for the local Ray this run would start)" if local
+                 else f"the Ray cluster's {len(caps)} node(s)")
         raise ResourceError(
             f"the Ray cluster cannot hold {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU"
             + (f" + {need_gpu:g} GPU" if need_gpu else "")
-            + f": its {len(nodes)} node(s) have {total_cpu:g} CPUs and {total_gpu:g} GPUs in all, room for "
+            + f": {where} {'has' if local else 'have'} {total_cpu:g} CPUs and {total_gpu:g} GPUs in all, room for "
             f"{fit} such worker(s). Lower run.num_workers / run.cpus_per_worker / run.gpus_per_worker, or "
-            f"add nodes (for a local cluster: ray start --head --num-cpus N)."
+            f"add nodes (for a local cluster: ray start --head --num-cpus N, then run.address=127.0.0.1:6379)."
         )
 
 
@@ -124,6 +170,8 @@ def reserve_worker_group(cfg: Config) -> None:
 
 def run_remote(fn: Callable[[Any], Any], arg: Any, address: str, cpus: float, gpus: float) -> Any:
     """`fn(arg)` as one Ray task with these resources, checked against the cluster first (Ray would wait)."""
+    if not ray.is_initialized():
+        check_address(address)
     started = connect(address)
     try:
         if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in _live_nodes()):

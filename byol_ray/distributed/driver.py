@@ -15,13 +15,13 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.train.torch import TorchTrainer
 
 from ..config import Config
 from ..core.engine import recipe_for
 from ..tracking.tracker import Tracker, open_training_run, undelivered_path
 from ..training.loop import log, pretrain
 from .cluster import reserve_worker_group, training_device, worker_resources
+from .failures import ByolTrainer, quiet_user_errors, user_error_in
 from .preflight import preflight, storage_path
 from .results import finish_run
 from .session import RaySession
@@ -33,6 +33,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     delivers it at the end)."""
     cfg = Config.from_dict(loop_config["config"])
     quiet_ray_train_reports()
+    quiet_user_errors()
     session = RaySession()
     log(f"[worker] rank {session.rank} of {session.world_size} on node {ray.get_runtime_context().get_node_id()}")
     run_id = loop_config.get("mlflow_run_id", "")
@@ -66,7 +67,7 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
     reserve_worker_group(cfg)
     tracker = open_training_run(cfg, tags, parent_run_id) if cfg.tracking.enabled else None
     resources = worker_resources(cfg)
-    trainer = TorchTrainer(
+    trainer = ByolTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
@@ -86,7 +87,15 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
     )
     t0 = time.time()
     try:
-        return finish_run(cfg, tracker, trainer.fit(), time.time() - t0)
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            # A worker's error in the user's input (not retried, see failures.py): its own paragraph.
+            user = user_error_in(e)
+            if user is None:
+                raise
+            raise user from None
+        return finish_run(cfg, tracker, result, time.time() - t0)
     except BaseException as e:
         # Never leave the MLflow run RUNNING: a rerun of the same run.name resumes it (either way).
         # Best effort: the error being raised matters more than one the tracking server adds.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import ray.train
 
-from ..core.state import TrainState, load_state, save_state
+from ..core.state import CheckpointError, TrainState, load_state, resumable_checkpoint, save_state
+from ..training.loop import log
 
 
 class RaySession:
@@ -18,11 +20,29 @@ class RaySession:
         self.local_rank = ctx.get_local_rank()
 
     def latest_state(self) -> TrainState | None:
+        """The state of Ray's latest checkpoint; in storage this node reads directly (a local or shared
+        folder), the newest readable one up to it when it is torn (`state.resumable_checkpoint`)."""
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
-        with ckpt.as_directory() as d:
-            return load_state(d)
+        path = Path(ckpt.path)
+        if not (path.is_absolute() and path.is_dir()):  # remote storage (s3://...): downloaded, no fallback
+            with ckpt.as_directory() as d:
+                try:
+                    return load_state(d)
+                except Exception as e:  # torch raises several types for a torn file
+                    raise CheckpointError(
+                        f"Ray's latest checkpoint of this run, {ckpt.path}, cannot be read ({type(e).__name__}: "
+                        f"{str(e)[:200]}), and in remote storage the one before it is not looked for. Start the "
+                        f"run again under a new run.name."
+                    ) from None
+        found = resumable_checkpoint(path.parent, newest=path.name)
+        assert found is not None  # the folder exists: a state, or CheckpointError
+        state, skipped = found
+        if self.rank == 0:
+            for torn, why in skipped:
+                log(f"[resume] the checkpoint {torn} cannot be read ({why}); resuming from the one before it")
+        return state
 
     def report(self, metrics: dict[str, Any], state: TrainState | None = None) -> None:
         if state is None or self.rank != 0:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ViewConfig
+from ..core.model import memory_format
 from ..core.schedules import cosine_decay
 from ..data.augment import ViewTransform
 from ..errors import UserError
@@ -39,7 +40,7 @@ class FinetuneOptions:
     seed: int = 0  # head init, batch order and augmentation
     flip: bool = True  # mirrored digits are not digits: off for them
     device: torch.device | str = "cpu"
-    channels_last: bool = False
+    channels_last: bool = False  # model.channels_last: asked for; core.model.memory_format decides
 
 
 # Random resized crop + flip only: the "light" augmentation of supervised fine-tuning.
@@ -95,7 +96,7 @@ def finetune(
     torch.manual_seed(seed)
     head = nn.Linear(encoder.out_dim, n_classes)
     model = nn.Sequential(encoder, head).to(device)
-    fmt = torch.channels_last if o.channels_last else torch.contiguous_format
+    fmt = memory_format(o.channels_last, model, device)
     model = model.to(memory_format=fmt)
     view = ViewTransform(FINETUNE_VIEW if o.flip else dataclasses.replace(FINETUNE_VIEW, flip_prob=0.0),
                          FINETUNE_OPS, size, mean, std)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Iterator
+
+from .uri import artifacts_at_risk, redact, sqlite_path
 
 # One try, 10 s at most, instead of MLflow's default of 7 retries with exponential back-off and a 120 s
 # timeout: for calls that must not stall training (or an error on its way up) while a server is down.
@@ -24,10 +27,36 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def get_or_create_experiment(c, name: str) -> str:
-    """The id of experiment `name`, created if it does not exist yet."""
+def get_or_create_experiment(c, name: str, artifact_location: str | None) -> str:
+    """The id of experiment `name`, created with `artifact_location` (`uri.artifact_root` of the store;
+    None: the store's default) if it does not exist yet. Warns when its artifacts would be lost."""
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name)
+    if exp is None:
+        exp = c.get_experiment(c.create_experiment(name, artifact_location=artifact_location))
+    warn_if_artifacts_at_risk(exp, c.tracking_uri, artifact_location)
+    return exp.experiment_id
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def warn_if_artifacts_at_risk(exp, uri: str, artifact_location: str | None) -> None:
+    """Once per process and experiment: a paragraph on stderr when the experiment keeps its artifacts in a
+    relative or temporary folder (made before byol-ray chose the location itself), with how to move on."""
+    why = artifacts_at_risk(exp.artifact_location, uri)
+    if not why or (uri, exp.name) in _warned:
+        return
+    _warned.add((uri, exp.name))
+    fresh = f" (its artifacts will go to {artifact_location})" if artifact_location else ""
+    repoint = ""
+    if (db := sqlite_path(uri)) is not None and artifact_location:
+        repoint = (f" Or keep the experiment and send its new runs' artifacts beside the store: sqlite3 {db} "
+                   f"\"UPDATE experiments SET artifact_location='{artifact_location}' WHERE name='{exp.name}'\".")
+    print(f"byol-ray: warning: MLflow experiment {exp.name!r} in {redact(uri)} keeps its artifacts in "
+          f"{exp.artifact_location}, {why}: the config, evaluation tables and models logged to its runs are lost "
+          f"with that folder (those of earlier runs may be gone already; metrics and params are in the store). "
+          f"To move on, log to a new experiment with tracking.experiment={exp.name}-2{fresh}.{repoint}",
+          file=sys.stderr, flush=True)
 
 
 def delivery_errors() -> tuple[type[BaseException], ...]:

@@ -12,7 +12,7 @@ from .client import client, get_or_create_experiment
 from .runs import (ABLATION_TAG, ROLE_TAG, SEED_TAG, SWEEP_TAG, VARIANT_TAG, child_runs, download_json,
                    find_sweep_parent)
 from .tracker import RUN_NAME_TAG, Tracker, environment_tags
-from .uri import resolve_tracking_uri
+from .uri import artifact_root, resolve_tracking_uri
 
 FINGERPRINT_PARAM = "sweep.fingerprint"
 SPEC_ARTIFACT = "sweep.json"
@@ -42,7 +42,7 @@ def open_parent(spec: SweepSpec, base: Config, cli_overrides: list[str], fresh: 
 
     uri = resolve_tracking_uri(base)
     c = client(uri)
-    exp_id = get_or_create_experiment(c, base.tracking.experiment)
+    exp_id = get_or_create_experiment(c, base.tracking.experiment, artifact_root(uri))
     fingerprint = spec.fingerprint(cli_overrides)
     prev = None if fresh else find_sweep_parent(c, exp_id, spec.name)
     if prev is not None:

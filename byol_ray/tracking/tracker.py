@@ -29,7 +29,7 @@ from typing import Any
 
 from ..config import Config
 from .client import client, delivery_errors, get_or_create_experiment, short_http, tracking_uri_scope
-from .uri import redact, resolve_tracking_uri
+from .uri import artifact_root, redact, resolve_tracking_uri, sqlite_path
 
 RUN_NAME_TAG = "byol_ray.run_name"
 UNDELIVERED_FILE = "undelivered_metrics.jsonl"
@@ -104,7 +104,7 @@ class Tracker:
         """Create a new run in the config's experiment, with the resolved config as params."""
         uri = resolve_tracking_uri(cfg)
         c = client(uri)
-        exp_id = get_or_create_experiment(c, cfg.tracking.experiment)
+        exp_id = get_or_create_experiment(c, cfg.tracking.experiment, artifact_root(uri))
         all_tags = {RUN_NAME_TAG: cfg.run.name, **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -212,18 +212,33 @@ class Tracker:
         return self.client.get_run(self.run_id).info.status
 
 
+def _newest_run_by_name(cfg: Config):
+    """The newest run of this experiment with our run-name tag, or None."""
+    uri = resolve_tracking_uri(cfg)
+    if (db := sqlite_path(uri)) is not None and not db.is_file():
+        return None  # no store yet, so no run (and opening one would create it)
+    c = client(uri)
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
 def find_run_by_name(cfg: Config, unfinished_only: bool = False) -> str:
     """The id of the newest run of this experiment with our run-name tag ('' if none); with
     `unfinished_only`, only a run that did not finish (its driver died, or it failed), to resume it."""
-    c = client(resolve_tracking_uri(cfg))
-    exp = c.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
+    run = _newest_run_by_name(cfg)
+    if run is None or (unfinished_only and run.info.status == "FINISHED"):
         return ""
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs or (unfinished_only and runs[0].info.status == "FINISHED"):
-        return ""
-    return runs[0].info.run_id
+    return run.info.run_id
+
+
+def finished_run_id(cfg: Config) -> str:
+    """The id of this run.name's newest run if it FINISHED (a rerun has nothing left to do), else ''."""
+    run = _newest_run_by_name(cfg)
+    return run.info.run_id if run is not None and run.info.status == "FINISHED" else ""
 
 
 def undelivered_path(cfg: Config) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -53,6 +54,46 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
+ARTIFACTS_FOLDER = "mlartifacts"  # beside a SQLite store; `byol-ray mlflow-server` uses the same name
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment of this store keeps its artifacts: an absolute folder beside a SQLite file,
+    so artifacts live and move with the store. None leaves it to the store: a tracking server has its own
+    (`--artifacts-destination`, as `mlflow-artifacts:` URIs). Without this, MLflow puts them in `./mlruns` of
+    whatever directory first created the experiment (under `ray job submit`: Ray's temporary copy of the
+    working dir, which Ray deletes)."""
+    db = sqlite_path(uri)
+    return str(db.parent / ARTIFACTS_FOLDER) if db is not None else None
+
+
+# Folders that vanish: the system's temporary folders, and Ray's per-job copy of a working dir (under
+# the session folder, wherever --temp-dir put it).
+_TEMPORARY_ROOTS = ("/tmp", "/var/tmp", "/dev/shm")
+_RAY_WORKING_DIR_COPY = "/runtime_resources/working_dir_files/"
+
+
+def artifacts_at_risk(location: str, uri: str) -> str:
+    """Why an experiment's artifact location would lose its artifacts ('' when it would not): a relative
+    folder (each process resolves it against its own working directory) or a temporary one. A folder
+    inside the store's own folder is safe wherever that is (a test's store under /tmp, say)."""
+    scheme, sep, rest = location.partition(":")
+    if sep and scheme != "file" and len(scheme) > 1:
+        return ""  # mlflow-artifacts:, s3:, gs: ...: the store's or a bucket's
+    path = rest.removeprefix("//") if scheme == "file" else location
+    if not path.startswith("/"):
+        return "a relative folder, which each process resolves against its own working directory"
+    db = sqlite_path(uri)
+    if db is not None and Path(path).is_relative_to(db.parent):
+        return ""
+    if _RAY_WORKING_DIR_COPY in path + "/":
+        return "inside Ray's temporary copy of a job's working directory, which Ray deletes"
+    temp_roots = {*_TEMPORARY_ROOTS, tempfile.gettempdir()}
+    if any(Path(path).is_relative_to(t) for t in temp_roots):
+        return "a temporary folder"
+    return ""
+
+
 def healthy(url: str, timeout_s: float = 2.0) -> bool:
     """Whether the MLflow server at `url` answers its /health endpoint."""
     try:
@@ -76,6 +117,18 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TrackingError(f"cannot create the MLflow database folder {db.parent}: {e}") from None
+
+
+def check_store_exists(uri: str, what: str) -> None:
+    """For commands that only read a store: it must exist (MLflow would create an empty SQLite store)."""
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise TrackingError(
+            f"there is no MLflow store at {db}, so there is no {what} to read. Run from the folder the runs were "
+            f"made in, or point at their store with the same overrides they were made with (run.output_dir=... "
+            f"or tracking.tracking_uri=...)."
+        )
+    check_reachable(uri)
 
 
 def _without_userinfo(uri: str) -> str:

@@ -431,7 +431,8 @@ def setup_info(cfg: Config, b: Bench) -> dict[str, Any]:
         "synthetic": isinstance(b.source, SyntheticSource),
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "precision": cfg.run.precision, "compile": cfg.run.compile, "channels_last": cfg.model.channels_last,
+        "precision": cfg.run.precision, "compile": cfg.run.compile,
+        "channels_last": b.trainer.memory_format == torch.channels_last,  # as used (core.model.memory_format)
         "torch": torch.__version__, "python": platform.python_version(),
     }
 

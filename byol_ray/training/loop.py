@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError
+from ..errors import UserError
 from ..core.engine import InputSpec, Pretrainer, distributed, pick_device
 from ..core.model import build_encoder
 from ..core.state import TrainState, check_compatible
@@ -103,9 +104,11 @@ def steps_per_epoch(cfg: Config, n_images: int) -> int:
     if cfg.optim.steps_per_epoch:
         steps = min(steps, cfg.optim.steps_per_epoch)
     if steps < 1:
+        subset = f" (data.train_subset={cfg.data.train_subset})" if cfg.data.train_subset else ""
         raise ConfigError(
-            f"optim.batch_size={cfg.optim.batch_size} is larger than the {n_images} training images; "
-            "lower the batch size or use more data"
+            f"optim.batch_size={cfg.optim.batch_size} is larger than the {n_images} training images{subset}, so an "
+            f"epoch would hold no step (the last incomplete batch is dropped). Lower optim.batch_size to at most "
+            f"{n_images}, or use more images (raise or remove data.train_subset)."
         )
     return steps
 
@@ -339,9 +342,13 @@ def _to(v: Any, device: torch.device) -> Any:
 
 
 def _maybe_crash(cfg: Config, rank: int, step: int) -> None:
-    """Fault injection: kill this worker process once at the configured step (marker file = done)."""
+    """Fault injection at the configured step: kill this worker process once (marker file = done), or
+    raise a UserError every time."""
     if cfg.debug.crash_rank != rank or cfg.debug.crash_at_step != step:
         return
+    if cfg.debug.crash_kind == "user_error":
+        raise UserError(f"debug.crash_kind=user_error: rank {rank} raised this at step {step}, as an error in the "
+                        f"input would. Set debug.crash_rank=-1 to train normally.")
     marker = cfg.output_dir / f".crashed_{cfg.run.name}_{rank}_{step}"
     if marker.exists():
         return
