@@ -259,9 +259,15 @@ class _Consts:
     factor_lo: torch.Tensor  # [N, 5] FACTORS ranges
     factor_span: torch.Tensor
     full_box: torch.Tensor  # [1, 4] the whole image (no crop op)
-    theta_a: torch.Tensor  # [4, 6] box (top, left, h, w) -> affine_grid's theta, flattened
-    theta_b: torch.Tensor  # [6]
-    theta_flip: torch.Tensor  # [6] negates the x scale
+    half: torch.Tensor  # [2] 0.5
+    j: torch.Tensor  # [2, out] output pixel index along y and x
+    j_flipped: torch.Tensor  # [2, out] the same with x reversed
+    tap_off: torch.Tensor  # [4] with tap_sign: distances t + 1, t, 1 - t, 2 - t to the 4 taps
+    tap_sign: torch.Tensor
+    tap_idx: torch.Tensor  # [4] tap offsets -1, 0, 1, 2 from floor(source)
+    tap_min: torch.Tensor  # [2, 1, 1] zeros
+    tap_max: torch.Tensor  # [2, 1, 1] last pixel index along y and x
+    cubic: tuple[torch.Tensor, ...]  # 4 x [4]: per tap, the coefficient of d^0, d^1, d^2, d^3 of the kernel
     jitter_identity: torch.Tensor  # [4] factors that do nothing (delta 0, factor 1)
     stage_a0: torch.Tensor  # [4, 4] jitter op -> stage coefficients (a, c1, c2, d) = a0 + factor * a1
     stage_a1: torch.Tensor
@@ -389,18 +395,33 @@ class BatchedViews:
         return (x - c.mean) / c.std
 
     def _crop_flip(self, x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, c: _Consts) -> torch.Tensor:
-        """Resample each image's box to out_size x out_size (bicubic), mirrored where `flip`.
+        """Resample each image's box to out_size x out_size, mirrored where `flip`: exactly grid_sample's
+        bicubic (a = -0.75, border padding, align_corners=False), computed as two batched matmuls.
 
-        With align_corners=False, normalised coordinate -1 / +1 is the outer edge of the first / last
-        pixel, so a box [left, left + w) maps to centre (2 left + w) / W - 1 and half-width w / W: one
-        small matmul for all boxes. Negating the half-width mirrors the box, the flip at no extra cost.
+        Output pixel j of a box [left, left + w) samples the source at left + (j + 0.5) w / out - 0.5 (j
+        counted from the box's right edge when flipped). That grid is axis-aligned, so the 2-D bicubic
+        is a product of 1-D ones: y = R_y x R_x^T with per-image [out, H] and [out, W] matrices of 4
+        cubic weights per row (taps past the border weigh on the edge pixel). On a CPU this is many
+        times faster than affine_grid + grid_sample at small sizes; on a GPU it is two GEMMs.
         """
-        N, C = x.shape[:2]
-        theta = torch.addmm(c.theta_b, box.to(x.dtype), c.theta_a)
-        theta = theta * torch.where(flip.unsqueeze(1), c.theta_flip, 1.0)
-        grid = F.affine_grid(theta.view(N, 2, 3), [N, C, self.out_size, self.out_size], align_corners=False)
-        # "border" repeats edge pixels for the bicubic taps that fall outside the image.
-        y = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
+        N, C, H, W = x.shape
+        size = box[:, 2:].to(x.dtype)  # h, w
+        step = size / self.out_size
+        start = torch.addcmul(box[:, :2].to(x.dtype) - 0.5, step, c.half)  # box origin + half a step
+        j = torch.where(flip.view(N, 1, 1), c.j_flipped, c.j)  # [N, 2, out] output index per axis
+        src = torch.addcmul(start.unsqueeze(2), step.unsqueeze(2), j)  # source coordinate
+        base = torch.floor(src)
+        d = torch.addcmul(c.tap_off, (src - base).unsqueeze(3), c.tap_sign)  # distance to each of 4 taps
+        c0, c1, c2, c3 = c.cubic
+        weight = torch.addcmul(c0, torch.addcmul(c1, torch.addcmul(c2, c3, d), d), d)
+        taps = torch.clamp(base.unsqueeze(3) + c.tap_idx, min=c.tap_min, max=c.tap_max).long()
+        mats = x.new_zeros(N, 2, self.out_size, max(H, W)).scatter_add_(3, taps, weight)
+        ry, rx = mats[:, 0, :, :H], mats[:, 1, :, :W]
+        out = self.out_size
+        y = torch.bmm(x.reshape(N, C * H, W), rx.transpose(1, 2)).view(N * C, H, out)  # along x
+        if C > 1:
+            ry = ry.repeat_interleave(C, dim=0)
+        y = torch.bmm(ry, y).view(N, C, out, out)  # along y
         return y.clamp_(0.0, 1.0)
 
     def _jitter(self, x: torch.Tensor, p: dict[str, torch.Tensor], c: _Consts) -> torch.Tensor:
@@ -492,6 +513,8 @@ class BatchedViews:
         basis = torch.stack([torch.cat([eye.flatten(), torch.zeros(C * C, **f32)]),
                              torch.cat([gray.flatten(), torch.zeros(C * C, **f32)]),
                              torch.cat([torch.zeros(C * C, **f32), gray.flatten()])])
+        A = -0.75
+        j = torch.arange(self.out_size, **f32).expand(2, -1)
         r = self.blur_size // 2
         taps = None
         if len(set(self.blur_sizes)) > 1:
@@ -502,9 +525,12 @@ class BatchedViews:
                                  (H, W), device),
             probs=rows(probs), factor_lo=rows(lo), factor_span=rows(span),
             full_box=t([[0.0, 0.0, H, W]]),
-            theta_a=t([[0, 0, 0, 0, 0, 2 / H], [0, 0, 2 / W, 0, 0, 0], [0, 0, 0, 0, 1 / H, 1 / H],
-                       [1 / W, 0, 1 / W, 0, 0, 0]]),
-            theta_b=t([0, 0, -1, 0, 0, -1]), theta_flip=t([-1, 1, 1, 1, 1, 1]),
+            half=t([0.5, 0.5]), j=j, j_flipped=torch.stack([j[0], j[1].flip(0)]),
+            tap_off=t([1.0, 0.0, 1.0, 2.0]), tap_sign=t([1.0, 1.0, -1.0, -1.0]), tap_idx=t([-1.0, 0.0, 1.0, 2.0]),
+            tap_min=torch.zeros(2, 1, 1, **f32), tap_max=t([H - 1, W - 1]).view(2, 1, 1),
+            # Keys' cubic with a = -0.75 (torch's bicubic): |d| <= 1 for the inner taps, 1 < |d| < 2 outer.
+            cubic=t([[-4 * A, 1, 1, -4 * A], [8 * A, 0, 0, 8 * A], [-5 * A, -(A + 3), -(A + 3), -5 * A],
+                     [A, A + 2, A + 2, A]]).unbind(0),
             jitter_identity=t([0, 1, 1, 0]), stage_a0=a0, stage_a1=a1, stage_identity=t([1, 0, 0, 0]),
             stage_basis=basis, gray=gray, eye=eye, sectors=t(_HSV_SECTORS).view(1, 3, 1),
             blur_pos=torch.arange(-r, r + 1, **f32), blur_taps=taps,
