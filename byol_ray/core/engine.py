@@ -187,8 +187,7 @@ class Pretrainer:
         for i, (images, labels) in enumerate(micro_batches):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            # Both views as one batch: one channels-last copy, then two contiguous halves.
-            v1, v2 = self.views.both(images, self.generator).contiguous(memory_format=self.memory_format).chunk(2)
+            v1, v2 = self.make_views(images)
             # All-reduce gradients only on the last micro-batch of the step.
             sync = (i == n_micro - 1) or not isinstance(self.online, nn.parallel.DistributedDataParallel)
             ctx = contextlib.nullcontext() if sync else self.online.no_sync()
@@ -208,6 +207,11 @@ class Pretrainer:
         stats = parts[0] if n_micro == 1 else torch.stack(parts).sum(0)
         self.stat_sums += stats
         return stats
+
+    def make_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views of a batch (from this replica's generator) in the networks' memory format: one
+        batch of 2B through the augmentation, one channels-last copy, two contiguous halves."""
+        return self.views.both(images, self.generator).contiguous(memory_format=self.memory_format).chunk(2)
 
     def take_stats(self) -> torch.Tensor:
         """The STEP_STATS sums since the last call (a device tensor), and start new sums."""
