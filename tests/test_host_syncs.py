@@ -60,7 +60,8 @@ def test_the_counter_sees_every_kind_of_host_sync():
         y = x * 2 + 1
     assert c.ops == 2 and c.syncs == 0
     for read in (lambda: y.sum().item(), lambda: bool(y[0] > 0), lambda: y[y > 3],
-                 lambda: torch.nonzero(y), lambda: to_host(y), lambda: float(y.max())):
+                 lambda: torch.nonzero(y), lambda: to_host(y), lambda: float(y.max()),
+                 lambda: y[[0, 2]], lambda: y * torch.tensor([2.0])):  # tensors from Python data
         with DispatchCounter() as c:
             read()
         assert c.syncs == 1, c.sync_by_op
@@ -75,11 +76,11 @@ def test_train_steps_between_log_points_make_no_host_sync(channels, accumulate, 
     cfg = small_cfg(**{"optim.accumulate_steps": accumulate, "optim.grad_clip": 1.0})
     tr = make_trainer(cfg, channels)
     tr.start_epoch(0)
-    steps = batches(4, channels=channels, unlabelled=unlabelled)
-    tr.train_step(steps[0])  # optimiser state is created on the first step
+    steps = [[(x[i::accumulate], y[i::accumulate]) for x, y in micro for i in range(accumulate)]
+             for micro in batches(4, channels=channels, unlabelled=unlabelled)]
+    tr.train_step(steps[0])  # optimiser state and the views' constants are made on the first step
     with DispatchCounter() as c:
         for micro in steps[1:]:
-            micro = [(x[i::accumulate], y[i::accumulate]) for x, y in micro for i in range(accumulate)]
             stats = tr.train_step(micro)
     assert c.syncs == 0, c.sync_by_op
     assert c.ops > 100  # the counter did see the step

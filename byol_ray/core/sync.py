@@ -21,6 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that make the host wait for the device (on CPU they are the same calls, so they count the same).
 SYNC_OPS = frozenset({
+    "aten.lift_fresh",  # a tensor from Python data (torch.tensor, x[:, [0, 1]]): a copy from pageable host
+                        # memory, which waits for the device queue (and cannot be recorded in a CUDA graph)
     "aten._local_scalar_dense",  # .item(), float(t), int(t), bool(t)
     "aten.is_nonzero",  # `if t:`
     "aten.nonzero",  # boolean-mask indexing, torch.where(cond) with one argument
@@ -40,7 +42,8 @@ def to_host(t: torch.Tensor) -> Any:
 
 class DispatchCounter(TorchDispatchMode):
     """Counts the aten ops dispatched inside ``with DispatchCounter() as c:``; ``c.ops`` is the total,
-    ``c.syncs`` the host syncs (SYNC_OPS, plus copies from a device to the CPU, plus `to_host` reads),
+    ``c.syncs`` the host syncs (SYNC_OPS, boolean-mask indexing, copies between the host's pageable memory
+    and a device, `to_host` reads),
     ``c.by_op`` a Counter by op name."""
 
     def __init__(self) -> None:
@@ -75,10 +78,15 @@ def _masks(name: str, args: tuple) -> bool:
 
 
 def _copies_to_host(name: str, args: tuple, kwargs: dict[str, Any]) -> bool:
-    """A copy whose destination is the CPU: from a device, or requested explicitly (`to_host`)."""
+    """A copy whose destination is the CPU (from a device, or requested explicitly by `to_host`), or a
+    copy from pageable host memory to a device (it waits for the device's queue first)."""
     if name == "aten._to_copy":
         device = kwargs.get("device")
-        return device is not None and torch.device(device).type == "cpu"
+        if device is None:
+            return False
+        if torch.device(device).type == "cpu":
+            return True
+        return args[0].device.type == "cpu" and not args[0].is_pinned()
     if name == "aten.copy_" and len(args) >= 2:
         dst, src = args[0], args[1]
         return isinstance(src, torch.Tensor) and dst.device.type == "cpu" and src.device.type != "cpu"

@@ -233,6 +233,12 @@ def hue_shift(x: torch.Tensor, delta6: torch.Tensor, sectors: torch.Tensor) -> t
     return torch.addcmul(vmax, span, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0)
 
 
+def _per_channel(t: torch.Tensor, C: int) -> torch.Tensor:
+    """[N, ...] per image -> [N * C, ...] per image channel (repeat_interleave's int form made CPU tensors
+    in older torch releases, which a CUDA graph cannot record)."""
+    return t if C == 1 else t.unsqueeze(1).expand(t.shape[0], C, *t.shape[1:]).reshape(-1, *t.shape[1:])
+
+
 def gaussian_blur(x: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
     """Separable per-image blur with [N, size] kernels as two grouped convolutions, reflect padding."""
     N, C, H, W = x.shape
@@ -240,8 +246,7 @@ def gaussian_blur(x: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
     r = size // 2
     if r >= min(H, W):
         raise ValueError(f"blur kernel {size} is too large for {H}x{W} images (reflect padding)")
-    if C > 1:
-        kern = kern.repeat_interleave(C, dim=0)  # one group per image channel
+    kern = _per_channel(kern, C)  # one group per image channel
     y = F.pad(x.reshape(1, N * C, H, W), (r, r, r, r), mode="reflect")
     y = F.conv2d(y, kern.view(N * C, 1, 1, size), groups=N * C)
     y = F.conv2d(y, kern.view(N * C, 1, size, 1), groups=N * C)
@@ -272,6 +277,7 @@ class _Consts:
     stage_a0: torch.Tensor  # [4, 4] jitter op -> stage coefficients (a, c1, c2, d) = a0 + factor * a1
     stage_a1: torch.Tensor
     stage_identity: torch.Tensor  # [4] (1, 0, 0, 0)
+    jitter_active: torch.Tensor  # BatchedViews._active_jitter(C) as an index tensor
     stage_basis: torch.Tensor  # [3, 2 C C]: (a, c1, c2) -> (M = a I + c1 L, K = c2 L), flattened
     gray: torch.Tensor  # [C, C] L = 1 luma^T (every channel becomes the luma)
     eye: torch.Tensor  # [C, C]
@@ -419,9 +425,7 @@ class BatchedViews:
         ry, rx = mats[:, 0, :, :H], mats[:, 1, :, :W]
         out = self.out_size
         y = torch.bmm(x.reshape(N, C * H, W), rx.transpose(1, 2)).view(N * C, H, out)  # along x
-        if C > 1:
-            ry = ry.repeat_interleave(C, dim=0)
-        y = torch.bmm(ry, y).view(N, C, out, out)  # along y
+        y = torch.bmm(_per_channel(ry, C), y).view(N, C, out, out)  # along y
         return y.clamp_(0.0, 1.0)
 
     def _jitter(self, x: torch.Tensor, p: dict[str, torch.Tensor], c: _Consts) -> torch.Tensor:
@@ -436,8 +440,8 @@ class BatchedViews:
         coef = torch.addcmul(c.stage_a0, factors.unsqueeze(2), c.stage_a1)  # [N, op, (a, c1, c2, d)]
         order = p["jitter_order"]
         if n < len(JITTER_OPS):  # the active ops' relative order (an index into `active`)
-            order = torch.argsort(torch.argsort(order, dim=1)[:, active], dim=1)
-            coef = coef[:, active]
+            order = torch.argsort(torch.argsort(order, dim=1).index_select(1, c.jitter_active), dim=1)
+            coef = coef.index_select(1, c.jitter_active)
         stages = coef.gather(1, order.unsqueeze(2).expand(N, n, 4))  # [N, position, coefficients]
         hue = JITTER_OPS.index("hue") in active
         if hue:
@@ -532,6 +536,7 @@ class BatchedViews:
             cubic=t([[-4 * A, 1, 1, -4 * A], [8 * A, 0, 0, 8 * A], [-5 * A, -(A + 3), -(A + 3), -5 * A],
                      [A, A + 2, A + 2, A]]).unbind(0),
             jitter_identity=t([0, 1, 1, 0]), stage_a0=a0, stage_a1=a1, stage_identity=t([1, 0, 0, 0]),
+            jitter_active=torch.tensor(self._active_jitter(C), dtype=torch.long, device=device),
             stage_basis=basis, gray=gray, eye=eye, sectors=t(_HSV_SECTORS).view(1, 3, 1),
             blur_pos=torch.arange(-r, r + 1, **f32), blur_taps=taps,
             solarize_at=rows([v.solarize_threshold for v in self.views]),
