@@ -121,11 +121,11 @@ class Pretrainer:
         # Online linear probe on detached representations (eval.online_probe): a cheap accuracy monitor,
         # trained with its own optimiser and its gradients averaged over workers so it is identical on
         # every rank. The fused Adam keeps its step count in a tensor next to the parameters and never
-        # reads it back (the foreach one calls .item() on it every step); `capturable` lets a graph record it.
+        # reads it back (the foreach one calls .item() on it every step).
         self.probe = self.probe_opt = None
         if cfg.eval.online_probe:
             self.probe = nn.Linear(unwrap(online).encoder.out_dim, inputs.n_classes).to(device)
-            self.probe_opt = torch.optim.Adam(self.probe.parameters(), lr=1e-3, fused=True, capturable=capture)
+            self.probe_opt = torch.optim.Adam(self.probe.parameters(), lr=1e-3, fused=True)
         self.views = TwoViews(cfg.augment, cfg.augment.view_size or cfg.data.image_size, inputs.mean, inputs.std)
         self.generator = torch.Generator(device=device)
         # Running sums of every step's STEP_STATS since the last `take_stats` (float64, on the device).
@@ -158,6 +158,9 @@ class Pretrainer:
         self._tau_t = torch.zeros((), dtype=torch.float64, device=self.device)
         for g in self.optimizer.param_groups:
             g["lr"] = self._lr_t
+        if self.probe_opt is not None and self.device.type == "cuda":
+            for g in self.probe_opt.param_groups:
+                g["capturable"] = True  # Adam refuses to be recorded otherwise
         self.captured = CapturedStep(lambda micro: self._step(micro, self._tau_t), self.device, self.generator)
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
