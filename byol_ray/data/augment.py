@@ -458,8 +458,11 @@ class BatchedViews:
         for s in range(S):
             if hue and s == n - 1:
                 xf = self._hue(xf, p, c)
-            offset = torch.baddbmm(ds[s], ks[s], xf.mean(2, keepdim=True))  # K mean(x) + d
-            xf = torch.baddbmm(offset, ms[s], xf).clamp_(0.0, 1.0)
+            mean = xf.mean(2, keepdim=True)
+            if C == 1:  # 1 x 1 matrices: elementwise products, faster than batched matmuls of scalars
+                xf = torch.addcmul(torch.addcmul(ds[s], ks[s], mean), ms[s], xf).clamp_(0.0, 1.0)
+            else:  # M x + (K mean(x) + d)
+                xf = torch.baddbmm(torch.baddbmm(ds[s], ks[s], mean), ms[s], xf).clamp_(0.0, 1.0)
         if hue and S == 0:  # hue is the only active jitter op
             xf = self._hue(xf, p, c)
         return xf.view_as(x)
