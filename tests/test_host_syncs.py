@@ -20,6 +20,7 @@ from byol_ray.core.engine import STEP_STATS, InputSpec, Pretrainer
 from byol_ray.core.optim import LARS
 from byol_ray.core.sync import DispatchCounter, to_host
 from byol_ray.training.loop import TrainData, train_one_epoch
+from byol_ray.training.plan import epochs_plan
 from byol_ray.training.replicas import check_replicas
 
 
@@ -101,9 +102,10 @@ def test_the_loop_reads_the_device_only_at_log_points_and_epoch_end(tmp_path):
     images = torch.randint(0, 256, (112, 1, 20, 20), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (112,), generator=g)
     data = TrainData(cfg, split=range(112), inputs=None, device=torch.device("cpu"), images=images, labels=labels)
-    train_one_epoch(cfg, tr, data, 0, 0, 1)  # optimiser state exists from here on
+    plan = epochs_plan(cfg, 7)
+    train_one_epoch(cfg, tr, data, 0, 0, 1, plan)  # optimiser state exists from here on
     with DispatchCounter() as c:
-        metrics = train_one_epoch(cfg, tr, data, 1, 0, 1)
+        metrics = train_one_epoch(cfg, tr, data, 1, 0, 1, plan)
     # Log lines after steps 3 and 6 and at the last step 7, one read each, and the epoch's one read.
     assert c.syncs == 4, c.sync_by_op
     assert metrics["step"] == 14 and 0 < metrics["loss"] < 8 and 0 <= metrics["online_probe_acc"] <= 100
@@ -154,6 +156,24 @@ def test_the_captured_protocol_trains_like_the_eager_step():
     with DispatchCounter() as c:
         captured.train_step(steps[0])
     assert c.syncs == 0, c.sync_by_op
+
+
+def test_loading_a_state_records_the_captured_step_again():
+    """Loading a checkpoint (or the time budget's warm-up restoring its snapshot) replaces the optimiser's
+    state tensors: a graph recorded before would update the old ones, so the step is recorded anew."""
+    tr = make_trainer(small_cfg())
+    tr.capture_steps()
+    tr.start_epoch(0)
+    for micro in batches(5):
+        tr.train_step(micro)
+    assert tr.captured.graph is not None
+    tr.load_state_dict(copy.deepcopy(tr.state_dict()))
+    assert tr.captured.graph is None and tr.captured.eager_calls == 0
+    expected = tr.lr()
+    tr.train_step(batches(1)[0])
+    # Every group reads the one lr tensor the step writes (not the saved copy the load put there).
+    lrs = {id(g["lr"]) for g in tr.optimizer.param_groups}
+    assert len(lrs) == 1 and tr.optimizer.param_groups[0]["lr"].item() == pytest.approx(expected)
 
 
 def test_lars_with_a_device_lr_tensor_equals_a_python_lr():

@@ -296,6 +296,10 @@ class Pretrainer:
             self.probe.load_state_dict(state["probe"])
             self.probe_opt.load_state_dict(state["probe_optimizer"])
         self.step = int(state["step"])
+        if self.captured is not None:
+            # The optimisers now hold new state tensors (and the lr tensor of the saved groups), which a
+            # recorded graph would not see: record the step again, after new warm-up steps.
+            self.capture_steps()
 
     @torch.no_grad()
     def checksum_vector(self) -> tuple[list[str], torch.Tensor]:

@@ -117,6 +117,13 @@ def epoch_permutation(cfg: Config, n_images: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_images, generator=g)
 
 
+def epoch_order(cfg: Config, data: TrainData, epoch: int) -> torch.Tensor:
+    """The epoch's permutation on the device that holds the images: a batch is then cut there with no
+    host-to-device copy of its indices (from pageable memory such a copy waits for the device)."""
+    perm = epoch_permutation(cfg, len(data), epoch)
+    return perm.to(data.images.device) if data.images is not None else perm
+
+
 def worker_batches(cfg: Config, perm: torch.Tensor, step: int, rank: int, world: int) -> list[torch.Tensor]:
     """This worker's micro-batch indices for one optimiser step: a disjoint 1/world share of the global
     batch, split into `accumulate_steps` micro-batches."""
@@ -197,7 +204,7 @@ def make_plan(cfg: Config, trainer: Pretrainer, data: TrainData, rank: int, worl
     spe = trainer.steps_per_epoch
     if not cfg.optim.time_budget_minutes:
         return epochs_plan(cfg, spe)
-    perm = epoch_permutation(cfg, len(data), 0)
+    perm = epoch_order(cfg, data, 0)
     steps = [worker_batches(cfg, perm, s % spe, rank, world) for s in range(UNTIMED_STEPS + WARMUP_STEPS)]
     if data.stream is not None:
         fed = list(data.stream.micro_batches(0, steps))
@@ -229,9 +236,7 @@ def train_one_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: in
     trainer.take_stats()  # the sums start at this epoch
     spe = plan.steps_in_epoch(epoch)
     t0 = time.perf_counter()
-    perm = epoch_permutation(cfg, len(data), epoch)
-    if data.images is not None:  # indices where the images are: no host-to-device copy per step
-        perm = perm.to(data.images.device)
+    perm = epoch_order(cfg, data, epoch)
     batches = [worker_batches(cfg, perm, s, rank, world) for s in range(spe)]
     streamed = data.stream.micro_batches(epoch, batches) if data.stream is not None else None
     for s in range(spe):
