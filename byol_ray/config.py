@@ -38,6 +38,7 @@ TAU_SCHEDULES = ("cosine", "constant")
 TARGET_BN_MODES = ("ema", "copy")
 PRECISIONS = ("fp32", "bf16")
 CRASH_KINDS = ("kill", "user_error")
+COMPILE_MODES = ("networks", "graph", "step")
 
 
 @dataclass
@@ -190,7 +191,11 @@ class RunConfig:
     # GPUs and on CPUs with native bf16 (AVX-512 BF16 or AMX; refused on others, where oneDNN would emulate
     # it slowly). The default fp32 leaves results bit for bit as they were.
     precision: str = "fp32"
-    compile: bool = False  # torch.compile the online network (worth it on GPUs for long runs)
+    compile: bool = False  # see compile_mode (worth it on GPUs for long runs)
+    # What run.compile=true does: "networks" torch.compiles the online and target networks; "graph" records
+    # the whole training step (augmentation, forward, backward, LARS, probe, EMA) once as a CUDA graph and
+    # replays it (no launch overhead; one GPU worker); "step" does both. GPU only for graph and step.
+    compile_mode: str = "networks"
 
 
 @dataclass
@@ -493,6 +498,13 @@ def _validate_fields(cfg: Config) -> None:
     _check(r.torch_threads >= 0, "run.torch_threads", "must be >= 0")
     _choice(r.precision, PRECISIONS, "run.precision")
     _choice(cfg.debug.crash_kind, CRASH_KINDS, "debug.crash_kind")
+    _choice(r.compile_mode, COMPILE_MODES, "run.compile_mode")
+    if r.compile and r.compile_mode != "networks":
+        _check(r.device != "cpu", "run.compile_mode",
+               f"{r.compile_mode} records the step as a CUDA graph: set run.device=cuda, or run.compile_mode=networks")
+        _check(r.num_workers == 1, "run.compile_mode",
+               f"{r.compile_mode} records one process's step as a CUDA graph, without DDP's gradient all-reduce: "
+               f"set run.num_workers=1 (one GPU), or run.compile_mode=networks")
 
 
 # ---- loading ------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ ablation ops, 1-channel no-ops, additive brightness, the eval transform and the 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -16,9 +17,6 @@ from byol_ray.data.augment import (
     LUMA,
     TwoViews,
     ViewTransform,
-    adjust_contrast,
-    adjust_hue,
-    adjust_saturation,
     blur_kernel_size,
     eval_transform,
     noop_ops,
@@ -239,14 +237,30 @@ def test_grayscale_uses_the_luma_weights():
     assert torch.equal(y[1], x[1])
 
 
+def jitter_only(x: torch.Tensor, op: str, value: float) -> torch.Tensor:
+    """The batched jitter with one op active (the others at strength 0) at the given factor or delta."""
+    B, _, H, W = x.shape
+    view = dataclasses.replace(QUIET, **{name: 0.5 if name == op else 0.0 for name in JITTER_OPS})
+    p = plain_params(B, H, W)
+    p["jitter"][:] = True
+    p[op] = torch.full((B,), value)
+    return vt(view, ops=["jitter"], out=H, channels=x.shape[1]).apply(x, p)
+
+
 def test_jitter_ops_match_torchvision_functionals():
     x = torch.rand(4, 3, 12, 12)
-    for d in (-0.5, -0.1, 0.05, 0.3):
-        torch.testing.assert_close(adjust_hue(x, torch.full((4,), d)), TF.adjust_hue(x, d), atol=1e-5, rtol=0)
+    # Pure colours, greys and ties between channels: every branch of RGB -> HSV.
+    x[0, :, :2, :2] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    x[0, :, 2:4, :2] = torch.tensor([0.3, 0.3, 0.3]).view(3, 1, 1)
+    x[0, :, 4:6, :2] = torch.tensor([0.6, 0.6, 0.1]).view(3, 1, 1)
+    x[0, :, 6:8, :2] = torch.tensor([0.2, 0.7, 0.7]).view(3, 1, 1)
+    for d in (-0.5, -0.1, 0.05, 0.3, 0.5):
+        torch.testing.assert_close(jitter_only(x, "hue", d), TF.adjust_hue(x, d), atol=1e-5, rtol=0)
     for f in (0.0, 0.7, 1.3):
-        factor = torch.full((4,), f)
-        torch.testing.assert_close(adjust_saturation(x, factor), TF.adjust_saturation(x, f), atol=1e-6, rtol=0)
-        torch.testing.assert_close(adjust_contrast(x, factor), TF.adjust_contrast(x, f), atol=1e-6, rtol=0)
+        torch.testing.assert_close(jitter_only(x, "saturation", f), TF.adjust_saturation(x, f), atol=1e-6, rtol=0)
+        torch.testing.assert_close(jitter_only(x, "contrast", f), TF.adjust_contrast(x, f), atol=1e-6, rtol=0)
+    g = x[:, :1]  # 1 channel: contrast against the image's own mean
+    torch.testing.assert_close(jitter_only(g, "contrast", 0.6), TF.adjust_contrast(g, 0.6), atol=1e-6, rtol=0)
 
 
 def test_jitter_follows_each_images_own_order():
@@ -474,3 +488,53 @@ def test_batched_augmentation_draws_each_images_parameters_independently():
     flat = v1.flatten(1)
     assert torch.cdist(flat, flat).fill_diagonal_(1.0).min().item() > 0
     assert not torch.equal(v1, v2)
+
+
+# ---- launch-free: a fixed, small number of ops, no host sync ------------------------------------
+@pytest.mark.parametrize("channels", [1, 3])
+def test_two_views_dispatch_few_ops_whatever_the_batch_and_never_sync(channels):
+    """One TwoViews call (both views, every op of the paper's T and T') is at most 300 dispatched ops
+    (one eager GPU kernel launch each, roughly) at batch 8 and at batch 512, the same number at both, and
+    none of them makes the host wait for the device."""
+    from byol_ray.core.sync import DispatchCounter
+
+    two = TwoViews(AugmentConfig(), 32, [0.5] * channels, [0.25] * channels)
+    counts = []
+    for batch in (8, 512):
+        x = torch.randint(0, 256, (batch, channels, 40, 36), dtype=torch.uint8)
+        g = gen(batch)
+        two(x, g)  # constants are built on the first call of a shape
+        with DispatchCounter() as c:
+            v1, v2 = two(x, g)
+        assert v1.shape == v2.shape == (batch, channels, 32, 32)
+        assert c.syncs == 0, c.sync_by_op
+        assert c.ops <= 300, c.by_op.most_common(10)
+        counts.append(c.ops)
+    assert counts[0] == counts[1]
+
+
+def test_jitter_applies_each_images_own_order_of_all_four_ops():
+    """Against a per-image reference that applies torchvision's functionals (and the additive brightness)
+    one after the other in the image's drawn order, clamping after each: all 24 orders, jitter on and off."""
+    n = 96
+    view = dataclasses.replace(QUIET, jitter_prob=0.75)
+    t = vt(view, ops=["jitter"], out=12)
+    g = gen(21)
+    x = torch.rand(n, 3, 12, 12)
+    p = t.sample_params(n, 3, (12, 12), g, "cpu")
+    p["jitter_order"] = torch.tensor([list(o) for o in itertools.permutations(range(4))] * (n // 24))
+    y = t.apply(x, p)
+    ops = {
+        "brightness": lambda z, v: (z + v).clamp(0, 1),
+        "contrast": lambda z, v: TF.adjust_contrast(z, v),
+        "saturation": lambda z, v: TF.adjust_saturation(z, v),
+        "hue": lambda z, v: TF.adjust_hue(z, v),
+    }
+    assert 0 < int(p["jitter"].sum()) < n
+    for i in range(n):
+        ref = x[i]
+        if p["jitter"][i]:
+            for k in p["jitter_order"][i].tolist():
+                name = JITTER_OPS[k]
+                ref = ops[name](ref, float(p[name][i]))
+        torch.testing.assert_close(y[i], ref, atol=2e-5, rtol=0, msg=f"image {i}")

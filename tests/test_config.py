@@ -279,9 +279,17 @@ def test_config_error_is_a_value_error():
     (["data.dataset=folder", "data.stream=true"], "data.stream"),  # final evaluation still on
     (["data.dataset=folder", "data.stream=true", "eval.final=false", "model.in_channels=1"],
      "model.in_channels"),  # streamed folders are RGB
+    (["run.compile=true", "run.compile_mode=everything"], "run.compile_mode"),
+    (["run.compile=true", "run.compile_mode=graph", "run.device=cpu"], "run.compile_mode"),  # CUDA graphs
+    (["run.compile=true", "run.compile_mode=step", "run.device=cuda", "run.num_workers=2"],
+     "run.compile_mode"),  # one process's step, no DDP
 ])
 def test_gpu_and_stream_options_are_validated(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, overrides)
     cfg = load_config(None, ["run.precision=bf16", "run.device=cuda", "run.compile=true"])
-    assert cfg.run.precision == "bf16" and cfg.run.compile
+    assert cfg.run.precision == "bf16" and cfg.run.compile and cfg.run.compile_mode == "networks"
+    for mode in ("graph", "step"):
+        assert load_config(None, ["run.compile=true", f"run.compile_mode={mode}", "run.device=cuda"]).run.compile_mode == mode
+    # The mode only matters with run.compile=true.
+    assert not load_config(None, ["run.compile_mode=graph", "run.device=cpu"]).run.compile

@@ -62,7 +62,7 @@ def test_stream_crops_are_reproducible_independent_and_worker_count_free(image_f
 def test_precropped_views_apply_the_rest_of_the_augmentation():
     aug = AugmentConfig()
     pv = PrecroppedTwoViews(aug, 16, (0.5,) * 3, (0.25,) * 3)
-    assert "crop" not in pv.view1.ops and "blur" in pv.view1.ops
+    assert "crop" not in pv.batched.ops and "blur" in pv.batched.ops
     x = torch.randint(0, 256, (8, 2, 3, 16, 16), dtype=torch.uint8)
     v1, v2 = pv(x, torch.Generator().manual_seed(0))
     assert v1.shape == v2.shape == (8, 3, 16, 16) and v1.dtype == torch.float32

@@ -41,7 +41,10 @@ class EMA:
         self.bn_mode = bn_mode
 
     @torch.no_grad()
-    def update(self, tau: float) -> None:
+    def update(self, tau: float | torch.Tensor) -> None:
+        """One EMA step. tau is a Python number, or a 0-dim float64 device tensor (a captured step reads
+        it on the device): 1 - tau is then computed in float64 and rounded once, like the number, so both
+        give the same lerp and the same target, bit for bit."""
         _ema_(self.target, self.online, tau)
         if self.bn_mode == "ema":
             _ema_(self.target_fbuf, self.online_fbuf, tau)
@@ -51,8 +54,12 @@ class EMA:
             torch._foreach_copy_(self.target_ibuf, self.online_ibuf)
 
 
-def _ema_(target: list[torch.Tensor], online: list[torch.Tensor], tau: float) -> None:
+def _ema_(target: list[torch.Tensor], online: list[torch.Tensor], tau: float | torch.Tensor) -> None:
     if not target:
+        return
+    if isinstance(tau, torch.Tensor):
+        weight = (1.0 - tau).to(target[0].dtype)
+        torch._foreach_lerp_(target, online, [weight] * len(target))
         return
     # xi + (1 - tau) (theta - xi) = tau xi + (1 - tau) theta, in one pass over the tensors: one read of
     # each and one write, and on CPU one multi-tensor kernel where mul-then-add took two slower ones

@@ -3,6 +3,11 @@
 It knows nothing of Ray or MLflow. Distributed data parallelism enters only through ``torch.distributed``
 (DDP for the online network, a few small all-reduces): the same object trains in-process, in one Ray
 Train worker or in many.
+
+The step never makes the host wait for the device: its statistics (loss, online probe loss and accuracy,
+representation std) are device tensors, added up in `stat_sums`; the loop reads them (``sync.to_host``)
+only when it logs and at the end of an epoch. With ``run.compile=true run.compile_mode=graph|step`` on a
+GPU the whole step is recorded once as a CUDA graph and replayed (`capture.CapturedStep`).
 """
 
 from __future__ import annotations
@@ -19,20 +24,17 @@ from torch import nn
 from ..config import Config, ConfigError
 from ..data.augment import TwoViews
 from ..seeding import epoch_seed
+from .capture import CapturedStep
 from .ema import EMA, tau_at
 from .loss import byol_loss
 from .model import OnlineNetwork, make_target, memory_format, two_view_forward, unwrap
 from .optim import build_optimizer, peak_lr, set_lr
 from .schedules import warmup_cosine
+from .sync import to_host
 
-
-@dataclass
-class StepStats:
-    loss: float
-    probe_loss: float
-    probe_correct: int
-    probe_count: int
-    repr_std: float
+# What one step's statistics tensor holds, in order: means over micro-batches of the loss, the probe's
+# loss and the representation std; sums of the probe's correct answers and of its labelled images.
+STEP_STATS = ("loss", "probe_loss", "probe_correct", "probe_count", "repr_std")
 
 
 @dataclass(frozen=True)
@@ -103,24 +105,34 @@ class Pretrainer:
             raise ConfigError("run.precision: bf16 on this worker's CPU would be emulated (no AVX-512 BF16 or AMX "
                               "instructions) and slower than fp32; set run.precision=fp32")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.run.precision]
-        if cfg.run.compile:
+        mode = cfg.run.compile_mode if cfg.run.compile else ""
+        if mode in ("networks", "step"):
             # In place (nn.Module.compile): parameter names, state dicts, DDP and the EMA's tensor lists
             # are those of the uncompiled modules.
             unwrap(online).compile()
             self.target.compile()
+        # The whole step as one CUDA graph: one replica per process and a CUDA device (a CPU run has no
+        # graphs to record; it trains eagerly, as without the option).
+        capture = mode in ("graph", "step") and device.type == "cuda" and world_size == 1
         self.ema = EMA(unwrap(online).branch, self.target, cfg.model.target_bn)
         # Every float buffer of the online network (encoder, projector and predictor BatchNorm).
         self._online_fbufs = [b for b in unwrap(online).buffers() if b.is_floating_point()]
         self.optimizer = build_optimizer(unwrap(online), cfg.optim)
         # Online linear probe on detached representations (eval.online_probe): a cheap accuracy monitor,
         # trained with its own optimiser and its gradients averaged over workers so it is identical on
-        # every rank.
+        # every rank. The fused Adam keeps its step count in a tensor next to the parameters and never
+        # reads it back (the foreach one calls .item() on it every step).
         self.probe = self.probe_opt = None
         if cfg.eval.online_probe:
             self.probe = nn.Linear(unwrap(online).encoder.out_dim, inputs.n_classes).to(device)
-            self.probe_opt = torch.optim.Adam(self.probe.parameters(), lr=1e-3)
+            self.probe_opt = torch.optim.Adam(self.probe.parameters(), lr=1e-3, fused=True)
         self.views = TwoViews(cfg.augment, cfg.augment.view_size or cfg.data.image_size, inputs.mean, inputs.std)
         self.generator = torch.Generator(device=device)
+        # Running sums of every step's STEP_STATS since the last `take_stats` (float64, on the device).
+        self.stat_sums = torch.zeros(len(STEP_STATS), dtype=torch.float64, device=device)
+        self.captured: CapturedStep | None = None
+        if capture:
+            self.capture_steps()
 
     # ---- schedules ------------------------------------------------------------------------------
     def set_total_steps(self, total_steps: int) -> None:
@@ -138,32 +150,56 @@ class Pretrainer:
         self.generator.manual_seed(epoch_seed(self.cfg.run.seed, self.rank, epoch, "augment"))
 
     # ---- the step -------------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepStats:
-        """One optimiser step over this worker's micro-batches (gradient accumulation), then one EMA step."""
+    def capture_steps(self) -> None:
+        """From now on run the step through `CapturedStep` (a CUDA graph on a GPU; elsewhere the same
+        static-buffer protocol, eagerly). lr and tau become device tensors the step reads, written before
+        each replay."""
+        self._lr_t = torch.zeros((), device=self.device)
+        self._tau_t = torch.zeros((), dtype=torch.float64, device=self.device)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self._lr_t
+        if self.probe_opt is not None and self.device.type == "cuda":
+            for g in self.probe_opt.param_groups:
+                g["capturable"] = True  # Adam refuses to be recorded otherwise
+        self.captured = CapturedStep(lambda micro: self._step(micro, self._tau_t), self.device, self.generator)
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One optimiser step over this worker's micro-batches (gradient accumulation), then one EMA step.
+
+        Returns this step's STEP_STATS as a device tensor (also added to `stat_sums`) without reading it:
+        nothing here waits for the device.
+        """
         self.online.train()
         self.target.train()
         lr, tau = self.lr(), self.tau()
-        set_lr(self.optimizer, lr)
+        if self.captured is not None:
+            self._lr_t.fill_(lr)
+            self._tau_t.fill_(tau)
+            stats = self.captured(micro_batches)
+        else:
+            set_lr(self.optimizer, lr)
+            stats = self._step(micro_batches, tau)
+        self.step += 1
+        return stats
+
+    def _step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], tau: float | torch.Tensor) -> torch.Tensor:
+        """The device work of a step: a pure function of the batch, the parameters and the generator
+        (what `CapturedStep` records), with lr read from the optimiser's groups."""
         n_micro = len(micro_batches)
-        total_loss = probe_loss_sum = 0.0
-        probe_correct = probe_count = 0
-        repr_std = 0.0
+        parts = []
         for i, (images, labels) in enumerate(micro_batches):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            v1, v2 = (v.contiguous(memory_format=self.memory_format) for v in self.views(images, self.generator))
+            v1, v2 = self.make_views(images)
             # All-reduce gradients only on the last micro-batch of the step.
             sync = (i == n_micro - 1) or not isinstance(self.online, nn.parallel.DistributedDataParallel)
             ctx = contextlib.nullcontext() if sync else self.online.no_sync()
             with ctx:
                 y1, z1, loss = self.forward_loss(v1, v2)
                 (loss / n_micro).backward()
-            total_loss += loss.item() / n_micro
-            repr_std += representation_std(z1) / n_micro
-            pl, pc, pn = self._probe_backward(y1.detach(), labels, n_micro)
-            probe_loss_sum += pl
-            probe_correct += pc
-            probe_count += pn
+            probe_loss, correct, count = self._probe_backward(y1.detach(), labels, n_micro)
+            parts.append(torch.stack([loss.detach() / n_micro, probe_loss / n_micro, correct, count,
+                                      representation_std(z1) / n_micro]).double())
         if self.cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
@@ -171,14 +207,27 @@ class Pretrainer:
         self._probe_step()
         self._sync_online_buffers()
         self.ema.update(tau)
-        self.step += 1
-        return StepStats(total_loss, probe_loss_sum, probe_correct, probe_count, repr_std)
+        stats = parts[0] if n_micro == 1 else torch.stack(parts).sum(0)
+        self.stat_sums += stats
+        return stats
+
+    def make_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views of a batch (from this replica's generator) in the networks' memory format: one
+        batch of 2B through the augmentation, one channels-last copy, two contiguous halves."""
+        return self.views.both(images, self.generator).contiguous(memory_format=self.memory_format).chunk(2)
+
+    def take_stats(self) -> torch.Tensor:
+        """The STEP_STATS sums since the last call (a device tensor), and start new sums."""
+        sums = self.stat_sums.clone()
+        self.stat_sums.zero_()
+        return sums
 
     def autocast(self):
-        """bf16 autocast for the forward passes (run.precision, GPUs and bf16-capable CPUs); nothing in fp32."""
+        """bf16 autocast for the forward passes (run.precision, GPUs and bf16-capable CPUs); nothing in fp32.
+        A CUDA graph cannot keep autocast's cache of cast weights between replays, so a captured step has none."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=self.captured is None)
 
     def forward_loss(self, v1: torch.Tensor, v2: torch.Tensor):
         """Online network on both views, target network on both views (no grad), the BYOL loss.
@@ -192,14 +241,20 @@ class Pretrainer:
         return y1.float(), z1, loss
 
     def _probe_backward(self, feats: torch.Tensor, labels: torch.Tensor, n_micro: int):
+        """The online probe's loss on this micro-batch's labelled images (label -1 = unlabelled, as in
+        STL-10's unlabeled split) and its backward; (loss, correct, labelled) as device scalars. The
+        unlabelled images are masked out rather than dropped, so shapes never depend on the labels."""
+        if self.probe is None:
+            zero = feats.new_zeros(())
+            return zero, zero, zero
         keep = labels >= 0
-        if self.probe is None or not keep.any():
-            return 0.0, 0, 0
-        logits = self.probe(feats[keep])
-        loss = F.cross_entropy(logits, labels[keep])
+        logits = self.probe(feats)
+        count = keep.sum()
+        losses = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+        loss = torch.where(keep, losses, 0.0).sum() / count.clamp(min=1)
         (loss / n_micro).backward()
-        correct = (logits.argmax(1) == labels[keep]).sum().item()
-        return loss.item() / n_micro, correct, int(keep.sum().item())
+        correct = ((logits.argmax(1) == labels) & keep).sum()
+        return loss.detach(), correct.float(), count.float()
 
     def _probe_step(self) -> None:
         if self.probe is None:
@@ -241,15 +296,26 @@ class Pretrainer:
             self.probe.load_state_dict(state["probe"])
             self.probe_opt.load_state_dict(state["probe_optimizer"])
         self.step = int(state["step"])
+        if self.captured is not None:
+            # The optimisers now hold new state tensors (and the lr tensor of the saved groups), which a
+            # recorded graph would not see: record the step again, after new warm-up steps.
+            self.capture_steps()
 
     @torch.no_grad()
-    def checksums(self) -> dict[str, float]:
-        """A float64 sum per tensor of the online and target networks: compared across workers."""
-        out = {}
+    def checksum_vector(self) -> tuple[list[str], torch.Tensor]:
+        """Names and float64 sums (a device tensor) of every tensor of the online and target networks:
+        compared across workers once per epoch."""
+        names, sums = [], []
         for prefix, module in (("online", unwrap(self.online)), ("target", self.target)):
             for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-                out[f"{prefix}.{name}"] = t.detach().double().sum().item()
-        return out
+                names.append(f"{prefix}.{name}")
+                sums.append(t.detach().double().sum())
+        return names, torch.stack(sums)
+
+    def checksums(self) -> dict[str, float]:
+        """`checksum_vector` as a dict, read with one host sync."""
+        names, vec = self.checksum_vector()
+        return dict(zip(names, to_host(vec)))
 
 
 @torch.no_grad()
@@ -266,8 +332,8 @@ def allreduce_mean_(tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
-def representation_std(z: torch.Tensor) -> float:
+def representation_std(z: torch.Tensor) -> torch.Tensor:
     """Mean per-dimension std of L2-normalised outputs, times sqrt(dim): ~1 when spread out, 0 when
-    collapsed to a point (the collapse monitor of the paper's discussion and of SimSiam)."""
+    collapsed to a point (the collapse monitor of the paper's discussion and of SimSiam). A device scalar."""
     zn = F.normalize(z.detach().float(), dim=1)
-    return (zn.std(dim=0).mean() * zn.shape[1] ** 0.5).item()
+    return zn.std(dim=0).mean() * zn.shape[1] ** 0.5

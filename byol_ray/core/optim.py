@@ -32,7 +32,9 @@ class LARS(torch.optim.Optimizer):
 
     update = lr * (momentum buffer), buffer = momentum * buffer + trust * (g + wd * w). Groups with
     ``lars_adapt=False`` (biases, BatchNorm) skip both weight decay (set to 0 by ``param_groups``) and
-    the trust ratio. Uses multi-tensor ops so the step costs a few kernels, not one per tensor.
+    the trust ratio. Every update is a multi-tensor (foreach) op and the trust ratios are computed on one
+    stacked vector of norms, so a step costs a fixed number of kernels however many tensors there are.
+    A group's lr may be a Python number or a 0-dim device tensor (a captured step reads it on the device).
     """
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -52,23 +54,24 @@ class LARS(torch.optim.Optimizer):
             if group["weight_decay"]:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
             if group["lars_adapt"]:
-                p_norm = torch._foreach_norm(params)
-                g_norm = torch._foreach_norm(grads)
+                p_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
                 eta = group["trust_coefficient"]
-                trust = [
-                    torch.where((pn > 0) & (gn > 0), eta * pn / gn, torch.ones_like(pn))
-                    for pn, gn in zip(p_norm, g_norm)
-                ]
-                grads = torch._foreach_mul(grads, trust)
+                trust = torch.where((p_norm > 0) & (g_norm > 0), eta * p_norm / g_norm, 1.0)
+                grads = torch._foreach_mul(grads, trust.unbind(0))
             bufs = []
-            for p, g in zip(params, grads):
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(state["momentum_buffer"])
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, grads)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                torch._foreach_sub_(params, torch._foreach_mul(bufs, lr))
+            else:
+                torch._foreach_add_(params, bufs, alpha=-lr)
         return loss
 
 

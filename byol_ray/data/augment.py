@@ -2,8 +2,21 @@
 
 Each image draws its own crop box, flip, colour-jitter factors and order, grayscale, blur sigma and
 solarize decision, independently, from a `torch.Generator` the caller passes in (on the batch's device),
-so a run is reproducible and, by saving the generator state, resumable. There is no Python loop over
-images: every op is a batched tensor op and the per-image choices are masks or per-image factors.
+so a run is reproducible and, by saving the generator state, resumable.
+
+The work is split in two halves, so that its cost on a GPU is a fixed, small number of kernels:
+
+1. `BatchedViews.sample_params` draws every random number of every view of the batch in ONE generator
+   call (`N_DRAWS` uniforms per image and view) and turns them into per-image parameters with a fixed
+   number of tensor ops.
+2. `BatchedViews.apply` applies them with a pure tensor function: no Python loop over images, no Python
+   branch on a tensor's value, no host sync, and a number of ops that does not grow with the batch. An
+   image that does not take an op gets that op's identity parameters (factor 1, delta 0, an impulse blur
+   kernel, an identity colour matrix) or is selected back with `torch.where`.
+
+Both views of `TwoViews` are one batch of 2B images through the same ops (each row with its own view's
+probabilities and strengths), so a step's augmentation is about 150 dispatched ops however large the
+batch (tests/test_augment.py counts them).
 
 The ops (``AugmentConfig.ops``, a subset of ``AUG_OPS``) and what they do, on images in [0, 1]:
 
@@ -15,12 +28,19 @@ The ops (``AugmentConfig.ops``, a subset of ``AUG_OPS``) and what they do, on im
 - ``jitter``: brightness, contrast, saturation and hue in a random order drawn per image, clamped to
   [0, 1] after each. Brightness is ADDITIVE (x + delta, delta ~ U(-b, b)) as in the authors' code, not
   torchvision's multiplicative one. Contrast blends with the per-image mean of the grayscale image,
-  saturation with the grayscale image (factors ~ U(max(0, 1-s), 1+s)). Hue rotates H in RGB -> HSV -> RGB
-  by delta ~ U(-h, h) (the HSV route of torchvision and ``tf.image.adjust_hue``, not the YIQ rotation).
+  saturation with the grayscale image (factors ~ U(max(0, 1-s), 1+s)). Hue rotates H in HSV by
+  delta ~ U(-h, h) (the HSV route of torchvision and ``tf.image.adjust_hue``, not the YIQ rotation).
 - ``grayscale``: luma 0.2989 R + 0.5870 G + 0.1140 B, copied to the 3 channels.
 - ``blur``: Gaussian, sigma ~ U(blur_sigma), separable, reflect padding; the kernel side is
   ``blur_kernel_frac`` of the output side made odd as in the authors' code (224 -> 23, 96 -> 9), at least 3.
 - ``solarize``: x -> 1 - x where x >= threshold.
+
+How the per-image jitter order runs without a branch per permutation: brightness, contrast and
+saturation are each a per-image affine colour map, y = M x + K mean(x) + d (M, K 3x3 or 1x1, d a
+constant), so "the op at position k of this image's order" is one batched `baddbmm` whose per-image
+matrices are gathered from the image's order. Hue (an HSV rotation, not affine) runs once: the affine
+stages before it in an image's order run in a first chain, those after it in a second, with identity
+stages where an image has nothing to do. Four ops in any order cost 3 + 1 + 3 stages, not 4 x 4.
 
 Crop and flip always come first (they set the output size); the other ops follow in the order listed.
 An op that is not listed never fires in either view; that is how the paper's ablations are written.
@@ -36,6 +56,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +66,19 @@ from ..config import AUG_OPS, AugmentConfig, ViewConfig
 LUMA = (0.2989, 0.5870, 0.1140)
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 CROP_TRIES = 10
+FLAG_OPS = ("flip", "jitter", "grayscale", "blur", "solarize")  # per-image on/off draws
+FACTORS = ("brightness", "contrast", "saturation", "hue", "blur_sigma")  # per-image strengths
+# Columns of one image's uniform draws for one view: crop areas and aspects (one per try), crop top/left,
+# the on/off flags, the strengths, and the jitter order (argsort of 4 uniforms: a uniform permutation).
+_AREA = slice(0, CROP_TRIES)
+_CROP = slice(0, 2 * CROP_TRIES + 2)
+_FLAGS = slice(_CROP.stop, _CROP.stop + len(FLAG_OPS))
+_FACTORS = slice(_FLAGS.stop, _FLAGS.stop + len(FACTORS))
+_ORDER = slice(_FACTORS.stop, _FACTORS.stop + len(JITTER_OPS))
+N_DRAWS = _ORDER.stop
+# Sector offsets of HSV -> RGB per output channel: c = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6.
+_HSV_SECTORS = (5.0, 3.0, 1.0)
+_NO_BLUR_SIGMA = 1e-20  # (p / sigma)^2 overflows to inf for every tap but the centre: an exact impulse
 
 
 def noop_ops(channels: int) -> list[str]:
@@ -71,6 +105,12 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return (x - _channel_stat(mean, x)) / _channel_stat(std, x)
 
 
+def _check_channels(images: torch.Tensor) -> torch.Tensor:
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be [N, C, H, W] with 1 or 3 channels, got shape {tuple(images.shape)}")
+    return images
+
+
 def _channel_stat(values: Sequence[float] | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     C = x.shape[1]
     if len(values) not in (1, C):
@@ -79,11 +119,67 @@ def _channel_stat(values: Sequence[float] | torch.Tensor, x: torch.Tensor) -> to
     return torch.as_tensor(values, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
 
 
-def _per_image(v: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, 1, 1, 1)
+# ---- crop boxes ---------------------------------------------------------------------------------
+@dataclass
+class CropSpace:
+    """Per-row constants of torchvision's RandomResizedCrop for inputs of one size (rows = images)."""
+
+    rows: torch.Tensor  # [3] draws feeding (area fraction, -log aspect, log aspect)
+    lo: torch.Tensor  # [N, 3, 1]
+    span: torch.Tensor  # [N, 3, 1]
+    area: float
+    hw_max: torch.Tensor  # [2, 1]: H, W
+    hw_hi: torch.Tensor  # [2]: H + 1, W + 1
+    hw_lim: torch.Tensor  # [2]: H, W
+    fallback: torch.Tensor  # [N, 5]: h, w, area fraction, -log aspect, log aspect of the centre crop
+    fallback_tl: torch.Tensor  # [N, 2]: its top, left
+
+    @classmethod
+    def build(cls, scales: Sequence[tuple[float, float]], ratios: Sequence[tuple[float, float]], repeat: int,
+              in_size: tuple[int, int], device: torch.device | str) -> "CropSpace":
+        """`scales`/`ratios` per view; each view's constants repeated for its `repeat` rows."""
+        H, W = in_size
+        lo, span, fb, fb_tl = [], [], [], []
+        for (s0, s1), ratio in zip(scales, ratios):
+            l0, l1 = math.log(ratio[0]), math.log(ratio[1])
+            lo.append([s0, -l0, l0])
+            span.append([s1 - s0, -(l1 - l0), l1 - l0])
+            fw, fh = _fallback_size(H, W, ratio)
+            fb.append([fh, fw, fh * fw / (H * W), -math.log(fw / fh), math.log(fw / fh)])
+            fb_tl.append([(H - fh) // 2, (W - fw) // 2])
+
+        def rows(v: list) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.float32, device=device).repeat_interleave(repeat, 0)
+
+        f32 = dict(dtype=torch.float32, device=device)
+        return cls(rows=torch.tensor([0, 1, 1], device=device), lo=rows(lo).unsqueeze(2), span=rows(span).unsqueeze(2),
+                   area=float(H * W), hw_max=torch.tensor([[H], [W]], **f32), hw_hi=torch.tensor([H + 1, W + 1], **f32),
+                   hw_lim=torch.tensor([H, W], **f32), fallback=rows(fb), fallback_tl=rows(fb_tl))
 
 
-# ---- crop + flip --------------------------------------------------------------------------------
+def crop_boxes(u: torch.Tensor, c: CropSpace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchvision's RandomResizedCrop.get_params for every row at once, from its uniforms u[:, _CROP].
+
+    All `CROP_TRIES` candidates are evaluated; each row keeps its first valid one, and rows with none fall
+    back to the centre crop torchvision uses. Returns (box [N, 4] as top, left, height, width in input
+    pixels, the kept candidate's drawn area fraction, its log-aspect; the box's own for fallbacks).
+    """
+    N = u.shape[0]
+    tries = u[:, : 2 * CROP_TRIES].view(N, 2, CROP_TRIES).index_select(1, c.rows)
+    r = torch.addcmul(c.lo, tries, c.span)  # [N, 3, tries]: area fraction, -log aspect, log aspect
+    hw = (r[:, 1:].exp() * r[:, :1]).mul_(c.area).sqrt_().round_()  # h = sqrt(A / aspect), w = sqrt(A aspect)
+    valid = ((hw > 0) & (hw <= c.hw_max)).all(1)
+    first = valid.to(torch.uint8).argmax(1, keepdim=True)  # argmax returns the first maximum
+    found = valid.any(1, keepdim=True)
+    kept = torch.cat([hw, r], 1).gather(2, first.unsqueeze(1).expand(N, 5, 1)).squeeze(2)
+    kept = torch.where(found, kept, c.fallback)
+    hw = kept[:, :2]
+    # Uniform integer offsets in [0, H - h]; the minimum guards against u * n rounding up to n in float32.
+    tl = torch.minimum(torch.floor(u[:, 2 * CROP_TRIES : 2 * CROP_TRIES + 2] * (c.hw_hi - hw)), c.hw_lim - hw)
+    tl = torch.where(found, tl, c.fallback_tl)
+    return torch.cat([tl, hw], 1), kept[:, 2], kept[:, 4]
+
+
 def sample_crop_boxes(
     batch: int,
     in_size: tuple[int, int],
@@ -92,45 +188,10 @@ def sample_crop_boxes(
     generator: torch.Generator,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """torchvision's RandomResizedCrop.get_params for every image at once.
-
-    All `CROP_TRIES` candidates are drawn up front; each image keeps its first valid one, and images with
-    none fall back to the centre crop torchvision uses. Returns (top, left, height, width) in input pixels,
-    plus the drawn area fraction and log-aspect of the kept candidate (the box's own for fallbacks).
-    """
-    H, W = in_size
-    area = float(H * W)
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    u_area = torch.rand(batch, CROP_TRIES, generator=generator, device=device)
-    u_ratio = torch.rand(batch, CROP_TRIES, generator=generator, device=device)
-    u_top = torch.rand(batch, generator=generator, device=device)
-    u_left = torch.rand(batch, generator=generator, device=device)
-
-    frac = scale[0] + (scale[1] - scale[0]) * u_area
-    log_r = log_lo + (log_hi - log_lo) * u_ratio
-    aspect = torch.exp(log_r)
-    w = torch.round(torch.sqrt(frac * area * aspect))
-    h = torch.round(torch.sqrt(frac * area / aspect))
-    valid = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    first = valid.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
-    found = valid.any(dim=1)
-
-    fw, fh = _fallback_size(H, W, ratio)
-    w = torch.where(found, w.gather(1, first).squeeze(1), torch.full_like(u_top, fw))
-    h = torch.where(found, h.gather(1, first).squeeze(1), torch.full_like(u_top, fh))
-    # Uniform integer offsets in [0, H - h]; the clamp guards against u * n rounding up to n in float32.
-    top = torch.minimum(torch.floor(u_top * (H - h + 1)), H - h)
-    left = torch.minimum(torch.floor(u_left * (W - w + 1)), W - w)
-    top = torch.where(found, top, torch.full_like(top, (H - fh) // 2))
-    left = torch.where(found, left, torch.full_like(left, (W - fw) // 2))
-
-    kept_frac = torch.where(found, frac.gather(1, first).squeeze(1), h * w / area)
-    kept_log_r = torch.where(found, log_r.gather(1, first).squeeze(1), torch.log(w / h))
-    return {
-        "crop_box": torch.stack([top, left, h, w], dim=1),
-        "crop_scale": kept_frac,
-        "crop_log_ratio": kept_log_r,
-    }
+    """Crop boxes of one view for `batch` images, from their own draws (the streamed pipeline's workers)."""
+    u = torch.rand(batch, _CROP.stop, generator=generator, device=device)
+    box, frac, log_r = crop_boxes(u, CropSpace.build([scale], [ratio], batch, in_size, device))
+    return {"crop_box": box, "crop_scale": frac, "crop_log_ratio": log_r}
 
 
 def _fallback_size(H: int, W: int, ratio: tuple[float, float]) -> tuple[int, int]:
@@ -146,173 +207,95 @@ def _fallback_size(H: int, W: int, ratio: tuple[float, float]) -> tuple[int, int
     return w, h
 
 
-def crop_flip(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, out_size: int) -> torch.Tensor:
-    """Resample each image's box to out_size x out_size (bicubic), mirrored where `flip`.
-
-    With align_corners=False, normalised coordinate -1 / +1 is the outer edge of the first / last pixel,
-    so a box [left, left + w) maps to centre (2 left + w) / W - 1 and half-width w / W. Negating the
-    half-width mirrors the box, which is the flip at no extra cost.
-    """
-    B, C, H, W = x.shape
-    top, left, h, w = box.to(x.dtype).unbind(1)
-    sx = torch.where(flip, -w / W, w / W)
-    sy = h / H
-    cx = (2 * left + w) / W - 1
-    cy = (2 * top + h) / H - 1
-    zero = torch.zeros_like(sx)
-    theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, sy, cy], 1)], 1)
-    grid = F.affine_grid(theta, [B, C, out_size, out_size], align_corners=False)
-    # "border" repeats edge pixels for the bicubic taps that fall outside the image.
-    y = F.grid_sample(x, grid, mode="bicubic", padding_mode="border", align_corners=False)
-    return y.clamp_(0.0, 1.0)
-
-
+# ---- pixel ops ----------------------------------------------------------------------------------
 def resize_flip(x: torch.Tensor, flip: torch.Tensor, out_size: int) -> torch.Tensor:
     """The no-crop path: the whole image resized (antialiased bicubic), mirrored where `flip`."""
     if x.shape[-2:] != (out_size, out_size):
         x = F.interpolate(x, size=(out_size, out_size), mode="bicubic", antialias=True, align_corners=False)
         x = x.clamp_(0.0, 1.0)
-    return torch.where(_per_image(flip), x.flip(-1), x)
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-# ---- colour -------------------------------------------------------------------------------------
-def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] -> luma [B, 1, H, W]."""
-    r, g, b = x.unbind(1)
-    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
+def hue_shift(x: torch.Tensor, delta6: torch.Tensor, sectors: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of [N, 3, P] pixels by delta6 / 6 turns ([N, 1, 1]), in one pass.
 
-
-def adjust_brightness(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    return (x + _per_image(delta)).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    gray = grayscale(x) if x.shape[1] == 3 else x
-    mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-    f = _per_image(factor)
-    return (f * x + (1 - f) * mean).clamp_(0.0, 1.0)
-
-
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = _per_image(factor)
-    return (f * x + (1 - f) * grayscale(x)).clamp_(0.0, 1.0)
-
-
-def adjust_hue(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    h, s, v = rgb_to_hsv(x).unbind(1)
-    h = torch.remainder(h + delta.view(-1, 1, 1), 1.0)
-    return hsv_to_rgb(torch.stack([h, s, v], 1)).clamp_(0.0, 1.0)
-
-
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    minc, maxc = torch.aminmax(x, dim=1)
-    span = maxc - minc
-    grey = span == 0
-    # Grey pixels have no hue; the safe divisors only keep NaNs out of the discarded branch.
-    s = span / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    d = torch.where(grey, torch.ones_like(span), span)
-    h = torch.where(
-        maxc == r,
-        (g - b) / d,
-        torch.where(maxc == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d),
-    )
-    h = torch.where(grey, torch.zeros_like(h), torch.remainder(h / 6.0, 1.0))
-    return torch.stack([h, s, maxc], 1)
-
-
-def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    h6 = h * 6.0
-    i = torch.floor(h6)
-    f = h6 - i
-    i = i.long().remainder(6).unsqueeze(1)
-    p = v * (1 - s)
-    q = v * (1 - s * f)
-    t = v * (1 - s * (1 - f))
-    # Row k holds (r, g, b) for hue sector k.
-    r = torch.stack([v, q, p, p, t, v], 1).gather(1, i)
-    g = torch.stack([t, v, v, q, p, p], 1).gather(1, i)
-    b = torch.stack([p, p, t, v, v, q], 1).gather(1, i)
-    return torch.cat([r, g, b], 1)
-
-
-def color_jitter(x: torch.Tensor, p: dict[str, torch.Tensor], view: ViewConfig) -> torch.Tensor:
-    """The four jitter ops in each image's own order (`jitter_order[b, k]` = op index at position k).
-
-    At each position every op runs on the whole batch with identity factors for the images that do not
-    take it there, so no image is gathered or scattered and nothing waits on the device.
+    RGB -> H as torchvision's ``_rgb2hsv`` (the first maximal channel picks the formula), then the closed
+    form c_n = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + 6 H') mod 6, n = 5, 3, 1 for R, G, B, which
+    equals ``_hsv2rgb`` without building H, S, V. Grey pixels (V S = 0) come out unchanged.
     """
-    on = p["jitter"]
-    rgb = x.shape[1] == 3
-    active = {
-        "brightness": view.brightness > 0,
-        "contrast": view.contrast > 0,
-        "saturation": view.saturation > 0 and rgb,
-        "hue": view.hue > 0 and rgb,
-    }
-    for k in range(len(JITTER_OPS)):
-        for idx, name in enumerate(JITTER_OPS):
-            if not active[name]:
-                continue
-            here = on & (p["jitter_order"][:, k] == idx)
-            if name == "brightness":
-                x = adjust_brightness(x, torch.where(here, p["brightness"], 0.0))
-            elif name == "contrast":
-                x = adjust_contrast(x, torch.where(here, p["contrast"], 1.0))
-            elif name == "saturation":
-                x = adjust_saturation(x, torch.where(here, p["saturation"], 1.0))
-            else:
-                # The HSV round trip is not bit-exact at delta 0, so untouched images are selected back.
-                x = torch.where(_per_image(here), adjust_hue(x, p["hue"]), x)
-    return x
+    vmax, arg = x.max(1, keepdim=True)
+    span = vmax - x.amin(1, keepdim=True)  # V S
+    diff = torch.roll(x, -1, 1) - torch.roll(x, -2, 1)  # g - b, b - r, r - g
+    # 6 H: (g - b) / span, 2 + (b - r) / span or 4 + (r - g) / span; the safe divisor only keeps NaNs
+    # out of grey pixels, whose hue is irrelevant.
+    h6 = diff.gather(1, arg) / torch.where(span > 0, span, 1.0) + 2 * arg
+    k = torch.remainder(h6 + delta6 + sectors, 6.0)
+    return torch.addcmul(vmax, span, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0)
 
 
-def random_grayscale(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] != 3:
-        return x
-    return torch.where(_per_image(on), grayscale(x).expand_as(x), x)
+def _per_channel(t: torch.Tensor, C: int) -> torch.Tensor:
+    """[N, ...] per image -> [N * C, ...] per image channel (repeat_interleave's int form made CPU tensors
+    in older torch releases, which a CUDA graph cannot record)."""
+    return t if C == 1 else t.unsqueeze(1).expand(t.shape[0], C, *t.shape[1:]).reshape(-1, *t.shape[1:])
 
 
-# ---- blur, solarize -----------------------------------------------------------------------------
-def gaussian_kernels(sigma: torch.Tensor, size: int) -> torch.Tensor:
-    """[B] sigmas -> [B, size] normalised 1-D Gaussian kernels."""
-    r = size // 2
-    pos = torch.arange(-r, r + 1, dtype=sigma.dtype, device=sigma.device)
-    k = torch.exp(-0.5 * (pos / sigma.unsqueeze(1)) ** 2)
-    return k / k.sum(dim=1, keepdim=True)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, on: torch.Tensor, size: int) -> torch.Tensor:
-    """Separable per-image blur as two grouped convolutions (one group per image channel).
-
-    Images not selected get a unit impulse kernel, which passes them through exactly.
-    """
-    B, C, H, W = x.shape
+def gaussian_blur(x: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
+    """Separable per-image blur with [N, size] kernels as two grouped convolutions, reflect padding."""
+    N, C, H, W = x.shape
+    size = kern.shape[1]
     r = size // 2
     if r >= min(H, W):
         raise ValueError(f"blur kernel {size} is too large for {H}x{W} images (reflect padding)")
-    kern = gaussian_kernels(sigma.to(x.dtype), size)
-    impulse = torch.zeros_like(kern)
-    impulse[:, r] = 1.0
-    kern = torch.where(on.unsqueeze(1), kern, impulse).repeat_interleave(C, dim=0)  # [B*C, size]
-    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
-    y = F.conv2d(y, kern.view(B * C, 1, 1, size), groups=B * C)
-    y = F.conv2d(y, kern.view(B * C, 1, size, 1), groups=B * C)
-    return y.view(B, C, H, W)
+    kern = _per_channel(kern, C)  # one group per image channel
+    y = F.pad(x.reshape(1, N * C, H, W), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, kern.view(N * C, 1, 1, size), groups=N * C)
+    y = F.conv2d(y, kern.view(N * C, 1, size, 1), groups=N * C)
+    return y.view(N, C, H, W)
 
 
-def solarize(x: torch.Tensor, on: torch.Tensor, threshold: float) -> torch.Tensor:
-    return torch.where(_per_image(on) & (x >= threshold), 1.0 - x, x)
+# ---- the view distributions ---------------------------------------------------------------------
+@dataclass
+class _Consts:
+    """Everything `BatchedViews` builds from Python numbers once per (batch, channels, size, device):
+    creating them each call would be a host-to-device copy per tensor (and not capturable)."""
+
+    crop: CropSpace
+    probs: torch.Tensor  # [N, 5] per-row probability of each FLAG_OPS op (0 where it cannot fire)
+    factor_lo: torch.Tensor  # [N, 5] FACTORS ranges
+    factor_span: torch.Tensor
+    full_box: torch.Tensor  # [1, 4] the whole image (no crop op)
+    half: torch.Tensor  # [2] 0.5
+    j: torch.Tensor  # [2, out] output pixel index along y and x
+    j_flipped: torch.Tensor  # [2, out] the same with x reversed
+    tap_off: torch.Tensor  # [4] with tap_sign: distances t + 1, t, 1 - t, 2 - t to the 4 taps
+    tap_sign: torch.Tensor
+    tap_idx: torch.Tensor  # [4] tap offsets -1, 0, 1, 2 from floor(source)
+    tap_min: torch.Tensor  # [2, 1, 1] zeros
+    tap_max: torch.Tensor  # [2, 1, 1] last pixel index along y and x
+    cubic: tuple[torch.Tensor, ...]  # 4 x [4]: per tap, the coefficient of d^0, d^1, d^2, d^3 of the kernel
+    jitter_identity: torch.Tensor  # [4] factors that do nothing (delta 0, factor 1)
+    stage_a0: torch.Tensor  # [4, 4] jitter op -> stage coefficients (a, c1, c2, d) = a0 + factor * a1
+    stage_a1: torch.Tensor
+    stage_identity: torch.Tensor  # [4] (1, 0, 0, 0)
+    jitter_active: torch.Tensor  # BatchedViews._active_jitter(C) as an index tensor
+    stage_basis: torch.Tensor  # [3, 2 C C]: (a, c1, c2) -> (M = a I + c1 L, K = c2 L), flattened
+    gray: torch.Tensor  # [C, C] L = 1 luma^T (every channel becomes the luma)
+    eye: torch.Tensor  # [C, C]
+    sectors: torch.Tensor  # [1, 3, 1]
+    blur_pos: torch.Tensor  # [K] tap offsets
+    blur_taps: torch.Tensor | None  # [N, K] 1 inside each row's own kernel, 0 outside (None: all equal)
+    solarize_at: torch.Tensor  # [N] each row's view's threshold
+    mean: torch.Tensor  # [1, C, 1, 1]
+    std: torch.Tensor
 
 
-# ---- the view distribution ----------------------------------------------------------------------
-class ViewTransform:
-    """One view distribution (T or T'): per-image random parameters, then batched ops."""
+class BatchedViews:
+    """One or more view distributions applied to a batch together: rows are view-major (all images of
+    the first view, then of the second, ...), each row with its own view's probabilities and strengths."""
 
     def __init__(
         self,
-        view: ViewConfig,
+        views: Sequence[ViewConfig],
         ops: Sequence[str],
         out_size: int,
         mean: Sequence[float],
@@ -321,31 +304,44 @@ class ViewTransform:
         unknown = [o for o in ops if o not in AUG_OPS]
         if unknown:
             raise ValueError(f"unknown augmentation op(s) {unknown}; choose from {', '.join(AUG_OPS)}")
-        self.view = view
+        self.views = tuple(views)
         self.ops = list(ops)
         self.out_size = int(out_size)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self.blur_size = blur_kernel_size(self.out_size, view.blur_kernel_frac)
-        self._stats: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.blur_sizes = [blur_kernel_size(self.out_size, v.blur_kernel_frac) for v in self.views]
+        self.blur_size = max(self.blur_sizes)
+        self._consts: dict[tuple, _Consts] = {}
 
     def __getstate__(self) -> dict:
         # Cached device tensors stay behind when the transform is shipped to another process (Ray).
-        return {**self.__dict__, "_stats": {}}
+        return {**self.__dict__, "_consts": {}}
 
     def __repr__(self) -> str:
-        return f"ViewTransform(ops={self.ops}, out_size={self.out_size}, view={self.view})"
+        return f"{type(self).__name__}(ops={self.ops}, out_size={self.out_size}, views={self.views})"
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        B, C, H, W = images.shape
+        """[B, C, H, W] (one source image for every view) or [B, V, C, H, W] (one per view, e.g. crops
+        made elsewhere) -> [V * B, C, out, out] views, view-major."""
+        V = len(self.views)
         if generator.device.type != images.device.type:
             raise ValueError(
                 f"generator is on {generator.device} but images are on {images.device}; "
                 "create it with torch.Generator(device=images.device)"
             )
-        params = self.sample_params(B, C, (H, W), generator, images.device)
-        return self.apply(images, params)
+        if images.dim() == 5:
+            if images.shape[1] != V:
+                raise ValueError(f"expected pre-cropped views [B, {V}, C, S, S], got {tuple(images.shape)}")
+            x = to_float(images).transpose(0, 1).reshape(-1, *images.shape[2:])
+        else:
+            x = to_float(images)
+            if V > 1:
+                x = x.expand(V, *x.shape).reshape(-1, *x.shape[1:])
+        _check_channels(x)
+        params = self.sample_params(x.shape[0] // V, x.shape[1], tuple(x.shape[-2:]), generator, x.device)
+        return self.apply(x, params)
 
+    # -- the first half: every random draw ---------------------------------------------------------
     def sample_params(
         self,
         batch: int,
@@ -354,83 +350,227 @@ class ViewTransform:
         generator: torch.Generator,
         device: torch.device | str,
     ) -> dict[str, torch.Tensor]:
-        """Every per-image random draw, as [batch] (or [batch, k]) tensors.
+        """Every per-image random draw of every view, as [V * batch] (or [V * batch, k]) tensors, from one
+        generator call.
 
         The same numbers are drawn whatever the ops, strengths and channel count, so the random stream
         (and each op's draws) does not shift between ablations; ops that are not listed, or that do
-        nothing on `channels` channels, are then reported as not firing / identity factors.
+        nothing on `channels` channels, are reported as not firing / identity factors.
         """
-        v, ops, B = self.view, self.ops, batch
-        H, W = in_size
-
-        def u(*shape: int) -> torch.Tensor:
-            return torch.rand(shape, generator=generator, device=device)
-
-        def between(lo: float, hi: float) -> torch.Tensor:
-            return lo + (hi - lo) * u(B)
-
-        p = sample_crop_boxes(B, (H, W), v.crop_scale, v.crop_ratio, generator, device)
-        if "crop" not in ops:
-            zero = torch.zeros(B, device=device)
-            p["crop_box"] = torch.stack([zero, zero, zero + H, zero + W], dim=1)
-            p["crop_scale"] = torch.ones(B, device=device)
-            p["crop_log_ratio"] = torch.full((B,), math.log(W / H), device=device)
-        p["flip"] = (u(B) < v.flip_prob) & ("flip" in ops)
-        p["jitter"] = (u(B) < v.jitter_prob) & ("jitter" in ops)
-        p["brightness"] = between(-v.brightness, v.brightness)
-        p["contrast"] = between(max(0.0, 1 - v.contrast), 1 + v.contrast)
-        p["saturation"] = between(max(0.0, 1 - v.saturation), 1 + v.saturation)
-        p["hue"] = between(-v.hue, v.hue)
-        p["jitter_order"] = torch.argsort(u(B, len(JITTER_OPS)), dim=1)
-        p["grayscale"] = (u(B) < v.grayscale_prob) & ("grayscale" in ops)
-        p["blur"] = (u(B) < v.blur_prob) & ("blur" in ops)
-        p["blur_sigma"] = between(*v.blur_sigma)
-        p["solarize"] = (u(B) < v.solarize_prob) & ("solarize" in ops)
-        if channels == 1:
-            p["saturation"] = torch.ones_like(p["saturation"])
-            p["hue"] = torch.zeros_like(p["hue"])
-            p["grayscale"] = torch.zeros_like(p["grayscale"])
+        c = self._constants(batch, channels, in_size, device)
+        u = torch.rand(len(self.views) * batch, N_DRAWS, generator=generator, device=device)
+        if "crop" in self.ops:
+            box, frac, log_r = crop_boxes(u, c.crop)
+        else:
+            n = u.shape[0]
+            box = c.full_box.expand(n, 4)
+            frac = c.full_box.new_ones(()).expand(n)
+            log_r = c.full_box.new_full((), math.log(in_size[1] / in_size[0])).expand(n)
+        p = {"crop_box": box, "crop_scale": frac, "crop_log_ratio": log_r,
+             "jitter_order": torch.argsort(u[:, _ORDER], dim=1)}
+        p.update(zip(FLAG_OPS, (u[:, _FLAGS] < c.probs).unbind(1)))
+        p.update(zip(FACTORS, torch.addcmul(c.factor_lo, u[:, _FACTORS], c.factor_span).unbind(1)))
         return p
 
+    # -- the second half: a pure function of the parameters ----------------------------------------
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The view for given parameters (no randomness): float32 [B, C, out, out], normalised."""
-        if images.shape[1] not in (1, 3):
-            raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(images.shape)}")
-        x = to_float(images)
+        """The views for given parameters (no randomness): float32 [N, C, out, out], normalised. `images`
+        holds one source image per row (N = V * batch)."""
+        x = to_float(_check_channels(images))
+        N, C, H, W = x.shape
+        c = self._constants(N // len(self.views), C, (H, W), x.device)
         if "crop" in self.ops:
-            x = crop_flip(x, params["crop_box"], params["flip"], self.out_size)
+            x = self._crop_flip(x, params["crop_box"], params["flip"], c)
         else:
             x = resize_flip(x, params["flip"], self.out_size)
         for op in self.ops:
             if op == "jitter":
-                x = color_jitter(x, params, self.view)
-            elif op == "grayscale":
-                x = random_grayscale(x, params["grayscale"])
+                x = self._jitter(x, params, c)
+            elif op == "grayscale" and C == 3:
+                gray = torch.where(params["grayscale"].view(N, 1, 1), c.gray, c.eye)
+                x = torch.bmm(gray, x.view(N, C, -1)).view_as(x)
             elif op == "blur":
-                x = gaussian_blur(x, params["blur_sigma"], params["blur"], self.blur_size)
+                sigma = torch.where(params["blur"], params["blur_sigma"], _NO_BLUR_SIGMA)
+                kern = torch.exp(-0.5 * (c.blur_pos / sigma.unsqueeze(1)) ** 2)
+                if c.blur_taps is not None:  # views with smaller kernels: zero taps outside their own
+                    kern = kern * c.blur_taps
+                x = gaussian_blur(x, kern / kern.sum(dim=1, keepdim=True))
             elif op == "solarize":
-                x = solarize(x, params["solarize"], self.view.solarize_threshold)
-        return self._normalize(x)
+                at = torch.where(params["solarize"], c.solarize_at, 2.0).view(N, 1, 1, 1)  # 2: never
+                x = torch.where(x >= at, 1.0 - x, x)
+        return (x - c.mean) / c.std
 
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        # Cached per device: building them from Python floats each batch would be a blocking host copy.
-        key = (x.device, x.dtype, x.shape[1])
-        if key not in self._stats:
-            self._stats[key] = (_channel_stat(self.mean, x), _channel_stat(self.std, x))
-        mean, std = self._stats[key]
-        return (x - mean) / std
+    def _crop_flip(self, x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, c: _Consts) -> torch.Tensor:
+        """Resample each image's box to out_size x out_size, mirrored where `flip`: exactly grid_sample's
+        bicubic (a = -0.75, border padding, align_corners=False), computed as two batched matmuls.
+
+        Output pixel j of a box [left, left + w) samples the source at left + (j + 0.5) w / out - 0.5 (j
+        counted from the box's right edge when flipped). That grid is axis-aligned, so the 2-D bicubic
+        is a product of 1-D ones: y = R_y x R_x^T with per-image [out, H] and [out, W] matrices of 4
+        cubic weights per row (taps past the border weigh on the edge pixel). On a CPU this is many
+        times faster than affine_grid + grid_sample at small sizes; on a GPU it is two GEMMs.
+        """
+        N, C, H, W = x.shape
+        size = box[:, 2:].to(x.dtype)  # h, w
+        step = size / self.out_size
+        start = torch.addcmul(box[:, :2].to(x.dtype) - 0.5, step, c.half)  # box origin + half a step
+        j = torch.where(flip.view(N, 1, 1), c.j_flipped, c.j)  # [N, 2, out] output index per axis
+        src = torch.addcmul(start.unsqueeze(2), step.unsqueeze(2), j)  # source coordinate
+        base = torch.floor(src)
+        d = torch.addcmul(c.tap_off, (src - base).unsqueeze(3), c.tap_sign)  # distance to each of 4 taps
+        c0, c1, c2, c3 = c.cubic
+        weight = torch.addcmul(c0, torch.addcmul(c1, torch.addcmul(c2, c3, d), d), d)
+        taps = torch.clamp(base.unsqueeze(3) + c.tap_idx, min=c.tap_min, max=c.tap_max).long()
+        mats = x.new_zeros(N, 2, self.out_size, max(H, W)).scatter_add_(3, taps, weight)
+        ry, rx = mats[:, 0, :, :H], mats[:, 1, :, :W]
+        out = self.out_size
+        y = torch.bmm(x.reshape(N, C * H, W), rx.transpose(1, 2)).view(N * C, H, out)  # along x
+        y = torch.bmm(_per_channel(ry, C), y).view(N, C, out, out)  # along y
+        return y.clamp_(0.0, 1.0)
+
+    def _jitter(self, x: torch.Tensor, p: dict[str, torch.Tensor], c: _Consts) -> torch.Tensor:
+        """The jitter ops in each image's own order (`jitter_order[i, k]` = op index at position k)."""
+        N, C = x.shape[:2]
+        active = self._active_jitter(C)
+        if not active:
+            return x
+        n = len(active)
+        factors = torch.stack([p[name] for name in JITTER_OPS], 1)
+        factors = torch.where(p["jitter"].unsqueeze(1), factors, c.jitter_identity)
+        coef = torch.addcmul(c.stage_a0, factors.unsqueeze(2), c.stage_a1)  # [N, op, (a, c1, c2, d)]
+        order = p["jitter_order"]
+        if n < len(JITTER_OPS):  # the active ops' relative order (an index into `active`)
+            order = torch.argsort(torch.argsort(order, dim=1).index_select(1, c.jitter_active), dim=1)
+            coef = coef.index_select(1, c.jitter_active)
+        stages = coef.gather(1, order.unsqueeze(2).expand(N, n, 4))  # [N, position, coefficients]
+        hue = JITTER_OPS.index("hue") in active
+        if hue:
+            # Affine stages before the hue (first chain) and after it (second chain); elsewhere identity.
+            before = ((order == n - 1).cumsum(1) == 0).unsqueeze(2)
+            stages = torch.cat([torch.where(before, stages, c.stage_identity)[:, : n - 1],
+                                torch.where(before, c.stage_identity, stages)[:, 1:]], 1)
+        S = stages.shape[1]
+        # Per stage s: M (colour matrix), K (mean matrix), d (offset), each [N, ...], stage-major.
+        mk = (stages[..., :3] @ c.stage_basis).transpose(0, 1).reshape(S, N, 2, C, C)
+        ms, ks = mk[:, :, 0].unbind(0), mk[:, :, 1].unbind(0)
+        ds = stages[..., 3].t().reshape(S, N, 1, 1).unbind(0)
+        xf = x.reshape(N, C, -1)
+        for s in range(S):
+            if hue and s == n - 1:
+                xf = self._hue(xf, p, c)
+            mean = xf.mean(2, keepdim=True)
+            if C == 1:  # 1 x 1 matrices: elementwise products, faster than batched matmuls of scalars
+                xf = torch.addcmul(torch.addcmul(ds[s], ks[s], mean), ms[s], xf).clamp_(0.0, 1.0)
+            else:  # M x + (K mean(x) + d)
+                xf = torch.baddbmm(torch.baddbmm(ds[s], ks[s], mean), ms[s], xf).clamp_(0.0, 1.0)
+        if hue and S == 0:  # hue is the only active jitter op
+            xf = self._hue(xf, p, c)
+        return xf.view_as(x)
+
+    @staticmethod
+    def _hue(xf: torch.Tensor, p: dict[str, torch.Tensor], c: _Consts) -> torch.Tensor:
+        N = xf.shape[0]
+        shifted = hue_shift(xf, 6.0 * p["hue"].view(N, 1, 1), c.sectors).clamp_(0.0, 1.0)
+        # Not bit-exact at delta 0 (rounding), so images without jitter are selected back.
+        return torch.where(p["jitter"].view(N, 1, 1), shifted, xf)
+
+    def _active_jitter(self, channels: int) -> list[int]:
+        """Indices (into JITTER_OPS) of the jitter ops that can change an image: listed with a non-zero
+        strength in some view, and not a no-op on `channels` channels."""
+        if "jitter" not in self.ops:
+            return []
+        return [i for i, name in enumerate(JITTER_OPS)
+                if name not in noop_ops(channels) and any(getattr(v, name) > 0 for v in self.views)]
+
+    def _constants(self, batch: int, channels: int, in_size: tuple[int, int], device: torch.device | str) -> _Consts:
+        key = (batch, channels, tuple(in_size), str(device))
+        if key not in self._consts:
+            self._consts[key] = self._build_constants(batch, channels, in_size, torch.device(device))
+        return self._consts[key]
+
+    def _build_constants(self, batch: int, channels: int, in_size: tuple[int, int], device: torch.device) -> _Consts:
+        H, W = in_size
+        C = channels
+        if len(self.mean) not in (1, C) or len(self.std) not in (1, C):
+            # Broadcasting a 3-value mean over 1-channel images would silently triple the channels.
+            raise ValueError(f"mean/std have {len(self.mean)} values for {C}-channel images; give 1 or {C}")
+        f32 = dict(dtype=torch.float32, device=device)
+
+        def t(v) -> torch.Tensor:
+            return torch.tensor(v, **f32)
+
+        def rows(per_view: list) -> torch.Tensor:
+            return t(per_view).repeat_interleave(batch, 0)
+
+        mute = set(noop_ops(C))
+        probs, lo, span = [], [], []
+        for v in self.views:
+            probs.append([0.0 if (op not in self.ops or op in mute) else getattr(v, f"{op}_prob") for op in FLAG_OPS])
+            b, k, s = v.brightness, v.contrast, 0.0 if "saturation" in mute else v.saturation
+            h = 0.0 if "hue" in mute else v.hue
+            ranges = [(-b, b), (max(0.0, 1 - k), 1 + k), (max(0.0, 1 - s), 1 + s), (-h, h), v.blur_sigma]
+            lo.append([r[0] for r in ranges])
+            span.append([r[1] - r[0] for r in ranges])
+        luma = t(LUMA if C == 3 else (1.0,))
+        gray = luma.expand(C, C).contiguous()  # every row is the luma weights
+        eye = torch.eye(C, **f32)
+        # Stage coefficients (a, c1, c2, d) per jitter op: y = a x + c1 gray(x) + c2 mean(gray(x)) + d.
+        a0 = t([[1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
+        a1 = t([[0, 0, 0, 1], [1, 0, -1, 0], [1, -1, 0, 0], [0, 0, 0, 0]])
+        basis = torch.stack([torch.cat([eye.flatten(), torch.zeros(C * C, **f32)]),
+                             torch.cat([gray.flatten(), torch.zeros(C * C, **f32)]),
+                             torch.cat([torch.zeros(C * C, **f32), gray.flatten()])])
+        A = -0.75
+        j = torch.arange(self.out_size, **f32).expand(2, -1)
+        r = self.blur_size // 2
+        taps = None
+        if len(set(self.blur_sizes)) > 1:
+            taps = rows([[1.0 if abs(i - r) <= k // 2 else 0.0 for i in range(self.blur_size)]
+                         for k in self.blur_sizes])
+        return _Consts(
+            crop=CropSpace.build([v.crop_scale for v in self.views], [v.crop_ratio for v in self.views], batch,
+                                 (H, W), device),
+            probs=rows(probs), factor_lo=rows(lo), factor_span=rows(span),
+            full_box=t([[0.0, 0.0, H, W]]),
+            half=t([0.5, 0.5]), j=j, j_flipped=torch.stack([j[0], j[1].flip(0)]),
+            tap_off=t([1.0, 0.0, 1.0, 2.0]), tap_sign=t([1.0, 1.0, -1.0, -1.0]), tap_idx=t([-1.0, 0.0, 1.0, 2.0]),
+            tap_min=torch.zeros(2, 1, 1, **f32), tap_max=t([H - 1, W - 1]).view(2, 1, 1),
+            # Keys' cubic with a = -0.75 (torch's bicubic): |d| <= 1 for the inner taps, 1 < |d| < 2 outer.
+            cubic=t([[-4 * A, 1, 1, -4 * A], [8 * A, 0, 0, 8 * A], [-5 * A, -(A + 3), -(A + 3), -5 * A],
+                     [A, A + 2, A + 2, A]]).unbind(0),
+            jitter_identity=t([0, 1, 1, 0]), stage_a0=a0, stage_a1=a1, stage_identity=t([1, 0, 0, 0]),
+            jitter_active=torch.tensor(self._active_jitter(C), dtype=torch.long, device=device),
+            stage_basis=basis, gray=gray, eye=eye, sectors=t(_HSV_SECTORS).view(1, 3, 1),
+            blur_pos=torch.arange(-r, r + 1, **f32), blur_taps=taps,
+            solarize_at=rows([v.solarize_threshold for v in self.views]),
+            mean=_channel_stat(self.mean, torch.empty(1, C, 1, 1, **f32)),
+            std=_channel_stat(self.std, torch.empty(1, C, 1, 1, **f32)),
+        )
+
+
+class ViewTransform(BatchedViews):
+    """One view distribution (T or T'): [B, C, H, W] -> [B, C, out, out]."""
+
+    def __init__(self, view: ViewConfig, ops: Sequence[str], out_size: int, mean: Sequence[float],
+                 std: Sequence[float]) -> None:
+        super().__init__([view], ops, out_size, mean, std)
+        self.view = view
 
 
 class TwoViews:
-    """(T(x), T'(x)) for a batch, each view with its own independent draws from one generator."""
+    """(T(x), T'(x)) for a batch: both views as one batch of 2B rows, each with its own independent draws
+    from one generator call."""
 
-    def __init__(self, cfg: AugmentConfig, out_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.view1 = ViewTransform(cfg.view1, cfg.ops, out_size, mean, std)
-        self.view2 = ViewTransform(cfg.view2, cfg.ops, out_size, mean, std)
+    def __init__(self, cfg: AugmentConfig, out_size: int, mean: Sequence[float], std: Sequence[float],
+                 ops: Sequence[str] | None = None) -> None:
+        self.batched = BatchedViews([cfg.view1, cfg.view2], cfg.ops if ops is None else ops, out_size, mean, std)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_float(images)  # convert once for both views
-        return self.view1(x, generator), self.view2(x, generator)
+        return self.both(images, generator).chunk(2)
+
+    def both(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """[2B, C, out, out]: the first view's B images, then the second's."""
+        return self.batched(images, generator)
 
 
 # ---- evaluation ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ the full-resolution image (one per view, each resized to ``data.image_size`` wit
 bicubic), so only the crops cross process boundaries, as uint8. Batches are pinned on CUDA and
 ``data.prefetch_batches`` batches per worker are decoded ahead. The rest of each view (flip, colour
 jitter, grayscale, blur, solarize, normalisation) stays batched on the training device
-(`PrecroppedTwoViews`, the same `ViewTransform` without its crop op).
+(`PrecroppedTwoViews`, the same `TwoViews` without its crop op).
 
 Randomness: each image's crop boxes come from a generator seeded by (run seed, epoch, image index), so
 an epoch's crops do not depend on the number of workers or on batch boundaries, and a resumed run
@@ -28,7 +28,7 @@ from PIL import Image
 
 from ..config import AugmentConfig, Config
 from ..seeding import epoch_seed
-from .augment import TwoViews, ViewTransform, sample_crop_boxes, to_float
+from .augment import TwoViews, sample_crop_boxes
 from .readers import DataError, channel_stats, data_error, decode_image, folder_files
 
 STATS_SAMPLE = 512  # images decoded to estimate the normalisation mean/std
@@ -94,19 +94,16 @@ class _Plan(torch.utils.data.Sampler):
         return len(self.batches)
 
 
-class PrecroppedTwoViews:
+class PrecroppedTwoViews(TwoViews):
     """The device half of the views: images [B, 2, C, S, S] already cropped per view -> (T(x), T'(x))."""
 
     def __init__(self, cfg: AugmentConfig, out_size: int, mean, std) -> None:
-        ops = [o for o in cfg.ops if o != "crop"]
-        self.view1 = ViewTransform(cfg.view1, ops, out_size, mean, std)
-        self.view2 = ViewTransform(cfg.view2, ops, out_size, mean, std)
+        super().__init__(cfg, out_size, mean, std, ops=[o for o in cfg.ops if o != "crop"])
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def both(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if images.dim() != 5 or images.shape[1] != 2:
             raise ValueError(f"expected pre-cropped views [B, 2, C, S, S], got {tuple(images.shape)}")
-        x = to_float(images)
-        return self.view1(x[:, 0], generator), self.view2(x[:, 1], generator)
+        return super().both(images, generator)
 
 
 class FolderStream:
@@ -136,7 +133,8 @@ class FolderStream:
 
     def device_views(self, views: TwoViews) -> PrecroppedTwoViews:
         """The trainer's view maker for these batches (same config, crop already done in the workers)."""
-        return PrecroppedTwoViews(self.cfg.augment, views.view1.out_size, views.view1.mean, views.view1.std)
+        b = views.batched
+        return PrecroppedTwoViews(self.cfg.augment, b.out_size, b.mean, b.std)
 
     def loader(self, epoch: int, micro_batches: Sequence[torch.Tensor]) -> torch.utils.data.DataLoader:
         """The DataLoader over `micro_batches` (index tensors) of `epoch`; one loader, reused every epoch."""

@@ -17,7 +17,9 @@ is the median of ``--repeats`` timed repetitions after ``--warmup`` untimed ones
 - ``augmentation``: the batched on-device ``TwoViews`` against the per-image torchvision pipeline with the
   same parameters (``augment.reference_view_transform``, both views), in source images per second;
 - ``input_pipeline``: read, decode, crop and augment alone, as training would feed the step (in-memory:
-  batches cut from the uint8 tensor; ``data.stream``: the DataLoader of ``pipeline.py``), against the step.
+  batches cut from the uint8 tensor; ``data.stream``: the DataLoader of ``pipeline.py``), against the step;
+- ``dispatch``: aten ops dispatched and host syncs per training step and per augmentation call
+  (``dispatch_counts``): deterministic counts, the same on any machine.
 
 No timing is asserted anywhere in the tests; they check that these code paths compute the right things.
 """
@@ -39,6 +41,7 @@ from ..config import Config
 from ..core.engine import InputSpec, Pretrainer, pick_device
 from ..core.ema import ema_loop_
 from ..core.model import unwrap
+from ..core.sync import DispatchCounter
 from ..data.augment import TwoViews, reference_view_transform
 from ..data.readers import channel_stats, load_split
 from ..errors import UserError
@@ -99,7 +102,7 @@ class Bench:
         inputs = InputSpec(self.source.channels, len(self.source.classes), self.mean, self.std)
         self.trainer = Pretrainer(cfg, inputs, steps_per_epoch=max(1, n // self.batch), device=self.device)
         self.source.attach(self.trainer)
-        self._g = torch.Generator().manual_seed(cfg.run.seed)
+        self._g = torch.Generator(device=self.source.images.device).manual_seed(cfg.run.seed)
         # One fixed batch for the passes that must see the same input every time.
         self.images, self.labels = self.source.batch(self.next_indices())
         v1, v2 = self.make_views(self.images.to(self.device, non_blocking=True))
@@ -107,12 +110,11 @@ class Bench:
 
     # -- helpers --
     def next_indices(self) -> torch.Tensor:
-        return torch.randint(len(self.source), (self.batch,), generator=self._g)
+        # Where the images are: indexing device images with CPU indices would copy them (and sync) per step.
+        return torch.randint(len(self.source), (self.batch,), generator=self._g, device=self._g.device)
 
     def make_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tr = self.trainer
-        v1, v2 = tr.views(images, tr.generator)
-        return v1.contiguous(memory_format=tr.memory_format), v2.contiguous(memory_format=tr.memory_format)
+        return self.trainer.make_views(images)
 
     def time(self, fn: Callable[[], Any], repeats: int | None = None) -> float:
         return median_seconds(fn, repeats or self.repeats, self.warmup, self.device)
@@ -266,6 +268,25 @@ class Bench:
         return self.source.pipeline_images_per_s(self)
 
 
+# ---- dispatched ops and host syncs -----------------------------------------------------------------
+def dispatch_counts(b: Bench) -> dict[str, int]:
+    """Aten ops dispatched (about one eager GPU kernel launch each) and host syncs of one training step
+    as the loop runs it and of one augmentation call (both views), counted with `sync.DispatchCounter`
+    on any device after the timed runs. Compiled networks are counted as their eager ops; a step
+    replayed from a CUDA graph (run.compile_mode=graph|step) dispatches only its input copies."""
+    step = b.byol_step_fn()
+    step()
+    eager = torch.compiler.set_stance("force_eager") if b.cfg.run.compile else contextlib.nullcontext()
+    with eager, DispatchCounter() as in_step:
+        step()
+    images = b.source.plain_images(b.images).to(b.device)
+    b.plain_views(images, b.trainer.generator)
+    with DispatchCounter() as in_views:
+        b.plain_views(images, b.trainer.generator)
+    return {"step_ops": in_step.ops, "step_syncs": in_step.syncs,
+            "augmentation_ops": in_views.ops, "augmentation_syncs": in_views.syncs}
+
+
 # ---- data sources -------------------------------------------------------------------------------
 class InMemorySource:
     """The loop's in-memory path: one uint8 tensor, batches cut from it with one index op."""
@@ -282,7 +303,10 @@ class InMemorySource:
         return len(self.images)
 
     def attach(self, trainer) -> None:
-        pass
+        # On a GPU the loop keeps in-memory images there (load_train_data): batches are cut on the device,
+        # with no host-to-device copy per step (from pageable memory such a copy waits for the device).
+        if trainer.device.type == "cuda":
+            self.images, self.labels = self.images.to(trainer.device), self.labels.to(trainer.device)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[idx], self.labels[idx]
@@ -397,6 +421,7 @@ def run_bench(cfg: Config, repeats: int = 20, warmup: int = 5, synthetic: int = 
     aug_batched, aug_per_image = b.augmentation()
     pipe = b.input_pipeline()
     plan = b.budget_plan(step)
+    dispatch = dispatch_counts(b)
     step_ips = B / step
     phases_ms = {k: 1e3 * v for k, v in phases.items()}
     phases_ms["other"] = 1e3 * step - sum(phases_ms.values())
@@ -420,6 +445,7 @@ def run_bench(cfg: Config, repeats: int = 20, warmup: int = 5, synthetic: int = 
                          "speedup": aug_batched / aug_per_image},
         "input_pipeline": {"kind": b.source.kind, "images_per_s": pipe, "over_step": pipe / step_ips},
         **({"budget_plan": plan} if plan else {}),
+        "dispatch": dispatch,
     }
 
 
@@ -432,6 +458,7 @@ def setup_info(cfg: Config, b: Bench) -> dict[str, Any]:
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "precision": cfg.run.precision, "compile": cfg.run.compile,
+        "compile_mode": cfg.run.compile_mode if cfg.run.compile else "",
         "channels_last": b.trainer.memory_format == torch.channels_last,  # as used (core.model.memory_format)
         "torch": torch.__version__, "python": platform.python_version(),
     }
@@ -467,7 +494,7 @@ def table(res: dict[str, Any]) -> str:
     lines = [
         f"{s['backbone']} (stem {s['stem']}, width {s['width']}) at {s['image_size']} px, batch {s['batch_size']}, "
         f"{s['device']} ({s['device_name']}, {s['torch_threads']} threads), {s['precision']}, "
-        f"compile {s['compile']}; median of {res['repeats']} after {res['warmup']} warm-up",
+        f"compile {s['compile_mode'] or 'off'}; median of {res['repeats']} after {res['warmup']} warm-up",
         "",
         "| figure | value | ratio |",
         "|---|---:|---:|",
@@ -495,4 +522,10 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"| optim.time_budget_minutes={p['plan.budget_minutes']:g} plans | {p['plan.total_steps']:,} steps "
                      f"({p['plan.epochs']} epochs of {p['steps_per_epoch']}), {p['plan.eval_reserve_s']:.0f} s kept for "
                      f"evaluation | |")
+    d = res["dispatch"]
+    lines += [
+        f"| dispatched ops / host syncs per training step | {d['step_ops']:,} / {d['step_syncs']} | |",
+        f"| dispatched ops / host syncs per augmentation call (both views) | {d['augmentation_ops']:,} / "
+        f"{d['augmentation_syncs']} | |",
+    ]
     return "\n".join(lines)

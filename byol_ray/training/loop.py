@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..core.engine import InputSpec, Pretrainer, distributed, pick_device
 from ..core.model import build_encoder
 from ..core.state import TrainState, check_compatible
+from ..core.sync import to_host
 from ..data.readers import ImageData, channel_stats, load_split
 from ..data.transfer import adapt
 from ..eval.scoring import EvalRow, evaluate_encoders, extract_features, knn_accuracy
@@ -119,6 +120,13 @@ def epoch_permutation(cfg: Config, n_images: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_images, generator=g)
 
 
+def epoch_order(cfg: Config, data: TrainData, epoch: int) -> torch.Tensor:
+    """The epoch's permutation on the device that holds the images: a batch is then cut there with no
+    host-to-device copy of its indices (from pageable memory such a copy waits for the device)."""
+    perm = epoch_permutation(cfg, len(data), epoch)
+    return perm.to(data.images.device) if data.images is not None else perm
+
+
 def worker_batches(cfg: Config, perm: torch.Tensor, step: int, rank: int, world: int) -> list[torch.Tensor]:
     """This worker's micro-batch indices for one optimiser step: a disjoint 1/world share of the global
     batch, split into `accumulate_steps` micro-batches."""
@@ -199,7 +207,7 @@ def make_plan(cfg: Config, trainer: Pretrainer, data: TrainData, rank: int, worl
     spe = trainer.steps_per_epoch
     if not cfg.optim.time_budget_minutes:
         return epochs_plan(cfg, spe)
-    perm = epoch_permutation(cfg, len(data), 0)
+    perm = epoch_order(cfg, data, 0)
     steps = [worker_batches(cfg, perm, s % spe, rank, world) for s in range(UNTIMED_STEPS + WARMUP_STEPS)]
     if data.stream is not None:
         fed = list(data.stream.micro_batches(0, steps))
@@ -228,31 +236,32 @@ def train_one_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: in
     """One pass of optimiser steps (the plan's last epoch may stop part-way); returns the epoch's metrics
     averaged over steps and workers."""
     trainer.start_epoch(epoch)
+    trainer.take_stats()  # the sums start at this epoch
     spe = plan.steps_in_epoch(epoch)
     t0 = time.perf_counter()
-    perm = epoch_permutation(cfg, len(data), epoch)
+    perm = epoch_order(cfg, data, epoch)
     batches = [worker_batches(cfg, perm, s, rank, world) for s in range(spe)]
     streamed = data.stream.micro_batches(epoch, batches) if data.stream is not None else None
-    sums = torch.zeros(5, dtype=torch.float64)  # loss, probe_loss, probe_correct, probe_count, repr_std
     for s in range(spe):
         _maybe_crash(cfg, rank, trainer.step)
         micro = next(streamed) if streamed is not None else [(data.images[i], data.labels[i]) for i in batches[s]]
-        st = trainer.train_step(micro)
-        sums += torch.tensor([st.loss, st.probe_loss, st.probe_correct, st.probe_count, st.repr_std],
-                             dtype=torch.float64)
+        stats = trainer.train_step(micro)  # a device tensor: read only here at log points (one sync each)
         if rank == 0 and ((s + 1) % cfg.run.log_every == 0 or s + 1 == spe):
+            loss = to_host(stats[0])
             rate = (s + 1) * cfg.optim.batch_size / (time.perf_counter() - t0)
-            log(f"[train] epoch {epoch + 1}/{plan.epochs} step {s + 1}/{spe} loss {st.loss:.4f} "
+            log(f"[train] epoch {epoch + 1}/{plan.epochs} step {s + 1}/{spe} loss {loss:.4f} "
                 f"lr {trainer.lr():.4f} tau {trainer.tau():.5f} {rate:.0f} img/s")
-    elapsed = time.perf_counter() - t0
+    sums = trainer.take_stats()
     if distributed():
         dist.all_reduce(sums)
         sums[[0, 1, 4]] /= world
-    metrics = {"epoch": epoch + 1, "step": trainer.step, "loss": sums[0].item() / spe}
+    loss, probe_loss, probe_correct, probe_count, repr_std = to_host(sums)  # the epoch's one read
+    elapsed = time.perf_counter() - t0
+    metrics = {"epoch": epoch + 1, "step": trainer.step, "loss": loss / spe}
     if trainer.probe is not None:
-        metrics["probe_loss"] = sums[1].item() / spe
-        metrics["online_probe_acc"] = 100.0 * sums[2].item() / max(1.0, sums[3].item())
-    metrics.update({"repr_std": sums[4].item() / spe, "lr": trainer.lr(), "tau": trainer.tau(),
+        metrics["probe_loss"] = probe_loss / spe
+        metrics["online_probe_acc"] = 100.0 * probe_correct / max(1.0, probe_count)
+    metrics.update({"repr_std": repr_std / spe, "lr": trainer.lr(), "tau": trainer.tau(),
                     "images_per_s": spe * cfg.optim.batch_size / elapsed, "epoch_seconds": elapsed})
     return metrics
 

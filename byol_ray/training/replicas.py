@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
 from ..core.engine import Pretrainer, distributed
+from ..core.sync import to_host
 
 
 class ReplicaMismatch(RuntimeError):
@@ -18,19 +21,19 @@ def check_replicas(trainer: Pretrainer, rank: int, world: int) -> dict[str, floa
     Returns the metrics logged every epoch: each rank's target checksum (so the agreement is visible in
     MLflow, not only asserted) and whether all replicas agree.
     """
-    sums = trainer.checksums()
-    names = list(sums)
-    vec = torch.tensor([sums[n] for n in names], dtype=torch.float64)
-    is_target = torch.tensor([n.startswith("target.") for n in names])
+    names, vec = trainer.checksum_vector()
     gathered = [vec]
     if world > 1 and distributed():
         gathered = [torch.zeros_like(vec) for _ in range(world)]
         dist.all_gather(gathered, vec)
-    out = {f"target_checksum_rank{r}": g[is_target].sum().item() for r, g in enumerate(gathered)}
+    # Every rank's checksums reach the host together: one sync per epoch, not one per tensor.
+    rows = to_host(torch.stack(gathered))
+    is_target = [n.startswith("target.") for n in names]
+    out = {f"target_checksum_rank{r}": math.fsum(v for v, t in zip(row, is_target) if t) for r, row in enumerate(rows)}
     out["target_checksum"] = out["target_checksum_rank0"]
-    bad = sorted({names[i] for g in gathered[1:] for i in torch.nonzero(g != gathered[0]).flatten().tolist()})
+    bad = sorted({names[i] for row in rows[1:] for i, (a, b) in enumerate(zip(row, rows[0])) if a != b})
     if bad:
-        ranks = [r for r in range(1, world) if not torch.equal(gathered[r], gathered[0])]
+        ranks = [r for r in range(1, world) if rows[r] != rows[0]]
         raise ReplicaMismatch(
             f"replicas diverged after step {trainer.step}: rank(s) {ranks} differ from rank 0 in "
             f"{len(bad)} tensor(s): {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}"
