@@ -24,10 +24,19 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# Marks an experiment as model training for MLflow 3's UI (its "Model training" rather than GenAI view).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(c, name: str) -> str:
-    """The id of experiment `name`, created if it does not exist yet."""
+    """The id of experiment `name`, created if it does not exist yet, marked as model training."""
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name)
+    if exp is None:
+        return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag was set, or by someone else
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def delivery_errors() -> tuple[type[BaseException], ...]:
