@@ -11,6 +11,7 @@ server answers again (`Tracker.flush`), continuing at the next step.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 
@@ -18,7 +19,9 @@ from .client import delivery_errors
 from .uri import redact
 
 
+@functools.cache
 def _monitor_class():
+    # Built on first use: MLflow is imported where it is used, never by importing the package.
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     class Monitor(SystemMetricsMonitor):
