@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup main test test-fast bench clean
+.PHONY: setup main test test-fast screenshots bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -18,6 +18,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not ray" $(ARGS)
+
+# The README's MLflow UI screenshots (docs/img/mlflow_*.png), retaken by the browser test.
+screenshots: setup
+	BYOL_UI_SCREENSHOTS=$(CURDIR)/docs/img $(PY) -m pytest -q tests/test_ui.py $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -204,6 +204,11 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<abs output_dir>/mlflow.db
     experiment: str = "byol-ray"
     log_model: bool = True
+    # CPU, memory, disk, network (and GPU with nvidia-ml-py) of the training process's machine, sampled by
+    # MLflow's own system-metrics logging into the run as system/* metrics. MLflow samples every 10 s by
+    # default, which leaves a one-minute sweep trial with next to nothing; 5 s gives it a dozen points.
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 5.0
 
 
 @dataclass
@@ -482,6 +487,9 @@ def _validate_fields(cfg: Config) -> None:
     _check(e.linear_epochs >= 1, "eval.linear_epochs", "must be >= 1")
     _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _check(0 <= e.collapse_std < 1, "eval.collapse_std", f"must be in [0, 1) (0 = off), got {e.collapse_std}")
+
+    _check(cfg.tracking.system_metrics_interval_s >= 0.5, "tracking.system_metrics_interval_s",
+           f"must be >= 0.5 seconds, got {cfg.tracking.system_metrics_interval_s}")
 
     r = cfg.run
     _check(bool(r.name) and "/" not in r.name, "run.name", "must be a non-empty name without '/'")

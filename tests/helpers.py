@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from byol_ray.config import Config, load_config
@@ -19,6 +20,28 @@ TINY = [
     "eval.linear_epochs=20", "eval.knn_k=20", "run.num_workers=2", "run.cpus_per_worker=1",
     "run.log_every=100", "run.max_failures=0",
 ]
+
+# A few seconds of training per trial; 1 worker x 1 CPU so two trials fit a 2-CPU runtime at once.
+TINY_SWEEP_BASE = {
+    "data": {"train_subset": 512, "test_subset": 256},
+    "model": {"width": 4, "projector_hidden": 64, "predictor_hidden": 64},
+    "optim": {"batch_size": 64, "steps_per_epoch": 4, "epochs": 4, "warmup_epochs": 0},
+    "eval": {"linear_epochs": 20, "knn_k": 20, "baselines": False},
+    "run": {"num_workers": 1, "cpus_per_worker": 1, "log_every": 100, "max_failures": 0},
+    "tracking": {"log_model": False},
+}
+
+
+def write_sweep(tmp_path: Path, variants: list[dict], seeds=1, name="tiny", fmnist_root: str = "", **extra) -> Path:
+    """A sweep file of `variants` over TINY_SWEEP_BASE, writing under tmp_path/out."""
+    base = {**TINY_SWEEP_BASE, "data": {**TINY_SWEEP_BASE["data"], "root": fmnist_root},
+            "run": {**TINY_SWEEP_BASE["run"], "output_dir": str(tmp_path / "out")}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"name": name, "ablation": "tiny test ablation", "base_config": "base.yaml", "seeds": seeds,
+            "baseline": variants[0]["name"], "variants": variants, **extra}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
 
 
 def cluster_pids(temp_dir: str) -> list[int]:

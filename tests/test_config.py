@@ -233,6 +233,8 @@ ERRORS = [
      "optim.batch_size"),
     ("width-not-multiple-of-4", "override", ["model.width=6"], "model.width"),
     ("bad-run-name", "override", ["run.name=a/b"], "run.name"),
+    ("system-metrics-interval<0.5", "override", ["tracking.system_metrics_interval_s=0"],
+     "tracking.system_metrics_interval_s"),
     ("override-without-equals", "override", ["optim.epochs"], "optim.epochs"),
 ]
 

@@ -19,7 +19,7 @@ import pytest
 
 from byol_ray.config import load_config
 from byol_ray.tracking.server import MlflowServer, free_port, healthy, port_in_use
-from byol_ray.tracking.tracker import Tracker, deliver_undelivered, undelivered_path
+from byol_ray.tracking.tracker import Tracker, deliver_undelivered, undelivered_path, worker_tracker
 from helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,6 +125,44 @@ def test_metrics_queued_while_the_server_is_down_are_delivered_or_reported(serve
     Path(spool).write_text(json.dumps({"run_id": run_id, "key": "lr", "value": 0.1, "timestamp": 1, "step": 7}) + "\n")
     assert "delivered 1 metric values" in deliver_undelivered(driver, spool)
     assert steps(server.url, run_id, "lr") == [7] and not spool.exists()
+
+
+def test_system_metrics_stop_at_an_outage_and_start_again_when_the_server_is_back(server, tmp_path):
+    """The rank-0 writer's system-metrics sampler (MLflow's own) meets a server that goes away: its thread
+    ends instead of retrying for minutes, queued metrics stay queued, and the first flush that gets through
+    starts it again, continuing the run's system/* steps."""
+    from byol_ray.config import TrackingConfig
+
+    key = "system/cpu_utilization_percentage"
+    run_id = new_run(server.url, "system-metrics")
+    client = mlflow.tracking.MlflowClient(server.url)
+
+    def wait_until(cond, what: str, limit_s: float = 120) -> None:
+        deadline = time.monotonic() + limit_s
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+    cfg = TrackingConfig(system_metrics_interval_s=0.5)
+    with worker_tracker(server.url, run_id, tmp_path / "undelivered_metrics.jsonl", cfg) as t:
+        sampler = t.system_metrics
+        wait_until(lambda: len(client.get_metric_history(run_id, key)) >= 2, "no system metrics sampled")
+        server.stop()
+        try:
+            wait_until(lambda: not sampler.running, "the sampler kept retrying a server that is down")
+            t.log_metrics({"loss": 1.0}, step=1)  # one short try; queued
+            assert len(t.pending) == 1 and not sampler.running
+        finally:
+            server.start()
+        before = client.get_metric_history(run_id, key)
+        t.log_metrics({"loss": 0.9}, step=2)  # gets through: the queue is sent, the sampler starts again
+        assert not t.pending and sampler.running
+        wait_until(lambda: len(client.get_metric_history(run_id, key)) > len(before), "the sampler did not resume")
+    assert t.system_metrics is None  # stopped with the block
+    after = sorted(m.step for m in client.get_metric_history(run_id, key))
+    assert after == sorted(set(after)), "a restarted sampler logged a step twice"
+    assert max(after) > max(m.step for m in before)
+    assert steps(server.url, run_id) == [1, 2]
 
 
 @pytest.mark.ray

@@ -20,33 +20,14 @@ import yaml
 from byol_ray.tracking.report import ablation_table, to_markdown
 from byol_ray.tracking.sweeps import stopped_on_purpose
 from byol_ray.sweep_spec import SweepError, SweepSpec, Variant, load_sweep, presets
+from helpers import write_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A few seconds of training per trial; 1 worker x 1 CPU so two trials fit a 2-CPU runtime at once.
-TINY_BASE = {
-    "data": {"train_subset": 512, "test_subset": 256},
-    "model": {"width": 4, "projector_hidden": 64, "predictor_hidden": 64},
-    "optim": {"batch_size": 64, "steps_per_epoch": 4, "epochs": 4, "warmup_epochs": 0},
-    "eval": {"linear_epochs": 20, "knn_k": 20, "baselines": False},
-    "run": {"num_workers": 1, "cpus_per_worker": 1, "log_every": 100, "max_failures": 0},
-    "tracking": {"log_model": False},
-}
 # Without a predictor and with tau = 0 (the target is the online network), plain SGD at a high lr
 # collapses within 3 epochs here: measured repr std 0.59, 0.14, 0.055, 0.044 (healthy runs stay ~0.8).
 COLLAPSING = {"model.use_predictor": False, "optim.tau_base": 0.0, "optim.tau_schedule": "constant",
               "optim.optimizer": "sgd", "optim.base_lr": 2.0}
-
-
-def write_sweep(tmp_path: Path, variants: list[dict], seeds=1, name="tiny", fmnist_root: str = "", **extra) -> Path:
-    base = {**TINY_BASE, "data": {**TINY_BASE["data"], "root": fmnist_root},
-            "run": {**TINY_BASE["run"], "output_dir": str(tmp_path / "out")}}
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    spec = {"name": name, "ablation": "tiny test ablation", "base_config": "base.yaml", "seeds": seeds,
-            "baseline": variants[0]["name"], "variants": variants, **extra}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
 
 
 def children(tmp_path: Path) -> pd.DataFrame:

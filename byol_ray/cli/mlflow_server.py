@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError, run_cli
-from ..tracking.server import DEFAULT_HOST, DEFAULT_PORT, MlflowServer, is_loopback
+from ..config import TrackingConfig
+from ..tracking.server import DEFAULT_HOST, DEFAULT_PORT, MlflowServer, experiment_page, is_loopback
 from ..tracking.uri import absolute_store_uri, sqlite_path
 
 
@@ -30,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts-destination", default=str(out / "mlartifacts"),
                    help="where uploaded artifacts go: a folder or s3://bucket/prefix")
     p.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
+    p.add_argument("--experiment", default=TrackingConfig.experiment,
+                   help="the experiment whose runs page is printed (default: the config's tracking.experiment)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return p
 
@@ -59,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[mlflow-server] {server.url} (store {server.backend_store_uri}, artifacts "
                   f"{server.artifacts_destination}); train with tracking.tracking_uri={server.url}; Ctrl-C stops it",
                   flush=True)
+            page = experiment_page(server.url, args.experiment)
+            print(f"[mlflow-server] runs of experiment {args.experiment!r}: "
+                  + (page or f"none yet; once a run is logged, open {server.url} and pick the experiment, "
+                             f"then 'Model training' at the top left"), flush=True)
             return server.proc.wait()
         finally:
             server.stop()

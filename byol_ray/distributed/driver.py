@@ -9,6 +9,7 @@ the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -18,7 +19,7 @@ import ray.train
 
 from ..config import Config
 from ..core.engine import recipe_for
-from ..tracking.tracker import Tracker, open_training_run, undelivered_path
+from ..tracking.tracker import open_training_run, undelivered_path, worker_tracker
 from ..training.loop import log, pretrain
 from .cluster import reserve_worker_group, training_device, worker_resources
 from .failures import ByolTrainer, quiet_user_errors, user_error_in
@@ -30,18 +31,18 @@ from .session import RaySession
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What each Ray Train worker runs: the per-worker loop with a Ray session and, on rank 0, the MLflow
     writer for per-epoch metrics (its spool keeps what an unreachable server could not take; the driver
-    delivers it at the end)."""
+    delivers it at the end) and the system metrics of its machine."""
     cfg = Config.from_dict(loop_config["config"])
     quiet_ray_train_reports()
     quiet_user_errors()
     session = RaySession()
     log(f"[worker] rank {session.rank} of {session.world_size} on node {ray.get_runtime_context().get_node_id()}")
     run_id = loop_config.get("mlflow_run_id", "")
-    tracker = (Tracker(loop_config["tracking_uri"], run_id, spool=loop_config.get("undelivered_path") or None)
-               if (run_id and session.rank == 0) else None)
-    pretrain(cfg, session, tracker, run_id)
-    if tracker is not None:
-        tracker.flush()
+    writer = (worker_tracker(loop_config["tracking_uri"], run_id, loop_config.get("undelivered_path") or None,
+                             cfg.tracking)
+              if (run_id and session.rank == 0) else contextlib.nullcontext())
+    with writer as tracker:
+        pretrain(cfg, session, tracker, run_id)
 
 
 def quiet_ray_train_reports() -> None:
@@ -56,16 +57,18 @@ def quiet_ray_train_reports() -> None:
 
 
 def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "",
-                 callbacks: list | None = None) -> dict[str, Any]:
+                 callbacks: list | None = None, run_name: str = "") -> dict[str, Any]:
     """Driver: preflight, MLflow run, TorchTrainer.fit, model and evaluation table logged at the end.
 
     `callbacks` go to Ray Train's RunConfig (a sweep passes Tune's TuneReportCallback); `parent_run_id`
-    makes the MLflow run a child (a sweep trial, under the sweep's run).
+    makes the MLflow run a child (a sweep trial, under the sweep's run); `run_name` is the name the
+    MLflow UI shows for a new run (default: run.name, which still names the Ray Train run and finds the
+    MLflow run again on a rerun).
     """
     uri = preflight(cfg)
     cfg = recipe_for(cfg, training_device(cfg))  # the config's GPU recipe when the workers get GPUs
     reserve_worker_group(cfg)
-    tracker = open_training_run(cfg, tags, parent_run_id) if cfg.tracking.enabled else None
+    tracker = open_training_run(cfg, tags, parent_run_id, run_name) if cfg.tracking.enabled else None
     resources = worker_resources(cfg)
     trainer = ByolTrainer(
         train_loop_per_worker,

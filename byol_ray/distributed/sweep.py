@@ -24,7 +24,7 @@ from ..config import Config
 from ..errors import UserError
 from ..sweep_spec import SweepSpec
 from ..tracking.report import build_report
-from ..tracking.sweeps import finished_trial_metrics, open_parent, settle_children, trial_tags
+from ..tracking.sweeps import finished_trial_metrics, open_parent, settle_children, trial_run_name, trial_tags
 from .cluster import reserve_worker_group, worker_capacity
 from .driver import run_training
 from .preflight import preflight, storage_path
@@ -50,7 +50,9 @@ def trial_fn(config: dict[str, Any], trials: dict[str, dict[str, Any]], parent_r
         print(f"[sweep] {cfg.run.name} already finished in MLflow; not rerun", flush=True)
         tune.report(done)
         return
-    run_training(cfg, tags=tags[key], parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
+    variant, seed = json.loads(key)
+    run_training(cfg, tags=tags[key], parent_run_id=parent_run_id, callbacks=[TuneReportCallback()],
+                 run_name=trial_run_name(variant, seed))
 
 
 def max_concurrent_trials(cfg: Config) -> int:

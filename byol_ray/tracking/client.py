@@ -27,12 +27,21 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# Marks an experiment as model training for MLflow 3's UI (its "Model training" rather than GenAI view).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(c, name: str, artifact_location: str | None) -> str:
     """The id of experiment `name`, created with `artifact_location` (`uri.artifact_root` of the store;
-    None: the store's default) if it does not exist yet. Warns when its artifacts would be lost."""
+    None: the store's default) if it does not exist yet, marked as model training. Warns when its
+    artifacts would be lost."""
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        exp = c.get_experiment(c.create_experiment(name, artifact_location=artifact_location))
+        exp = c.get_experiment(c.create_experiment(name, artifact_location=artifact_location,
+                                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
+    elif EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag was set, or by someone else
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     warn_if_artifacts_at_risk(exp, c.tracking_uri, artifact_location)
     return exp.experiment_id
 

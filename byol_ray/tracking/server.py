@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
+from .client import client
 from .uri import absolute_store_uri, healthy
 
 DEFAULT_HOST = "127.0.0.1"
@@ -53,6 +54,16 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def experiment_page(url: str, experiment: str) -> str:
+    """The UI page of `experiment`'s runs on the server at `url` ('' while the store has no such experiment).
+
+    MLflow 3.17's UI opens an experiment in its GenAI view (traces, which training runs do not have) unless
+    the URL or the browser's saved choice asks for the model-training view, whatever the experiment's
+    `mlflow.experimentKind` tag says: this URL asks for it."""
+    exp = client(url).get_experiment_by_name(experiment)
+    return f"{url}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" if exp else ""
 
 
 def server_command(host: str, port: int, backend_store_uri: str, artifacts_destination: str,

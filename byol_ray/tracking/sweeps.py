@@ -25,6 +25,11 @@ def trial_tags(spec: SweepSpec, variant: str, seed: int) -> dict[str, str]:
             SEED_TAG: str(seed)}
 
 
+def trial_run_name(variant: str, seed: int) -> str:
+    """The name a trial's run shows in the MLflow UI, under its sweep's parent run: `tau=0.99 seed 1`."""
+    return f"{variant} seed {seed}"
+
+
 def finished_trial_metrics(cfg: Config, parent_run_id: str) -> dict[str, float] | None:
     """The metrics of this trial's run if it already FINISHED under this parent, else None."""
     runs = child_runs(client(resolve_tracking_uri(cfg)), parent_run_id,

@@ -25,10 +25,11 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from ..config import Config
+from ..config import Config, TrackingConfig
 from .client import client, delivery_errors, get_or_create_experiment, short_http, tracking_uri_scope
+from .system_metrics import SystemMetrics
 from .uri import artifact_root, redact, resolve_tracking_uri, sqlite_path
 
 RUN_NAME_TAG = "byol_ray.run_name"
@@ -97,11 +98,15 @@ class Tracker:
         # Metrics a previous worker of this run could not deliver (it died, or the server was down).
         self.pending: list[dict[str, Any]] = _read_spool(self.spool)
         self._warned = False
+        self.system_metrics: SystemMetrics | None = None  # set by `worker_tracker`
 
     @classmethod
     def start(cls, cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "",
               run_name: str = "") -> "Tracker":
-        """Create a new run in the config's experiment, with the resolved config as params."""
+        """Create a new run in the config's experiment, with the resolved config as params.
+
+        `run_name` is the name the MLflow UI shows (default: run.name); the run is found again by its
+        run.name, kept in a tag."""
         uri = resolve_tracking_uri(cfg)
         c = client(uri)
         exp_id = get_or_create_experiment(c, cfg.tracking.experiment, artifact_root(uri))
@@ -145,6 +150,8 @@ class Tracker:
         try:
             with short_http():
                 self._send_pending()
+                if self.system_metrics is not None:
+                    self.system_metrics.start()  # again, if an outage ended its sampler
             if self._warned:
                 print(f"[mlflow] {redact(self.uri)} is reachable again; queued metrics delivered", flush=True)
                 self._warned = False
@@ -265,10 +272,11 @@ def deliver_undelivered(tracker: Tracker, path: str | os.PathLike) -> str:
     return f"[mlflow] delivered {n} metric values that the workers had queued while {redact(tracker.uri)} was down"
 
 
-def open_training_run(cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "") -> Tracker:
+def open_training_run(cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "",
+                      run_name: str = "") -> Tracker:
     """The MLflow run of a training: the unfinished run of this run.name if there is one (its driver
-    died, or it failed: the rerun continues it), else a new one with the config as params. Either way the
-    config (secrets masked) is logged as config.json."""
+    died, or it failed: the rerun continues it), else a new one with the config as params, shown as
+    `run_name` (default: run.name). Either way the config (secrets masked) is logged as config.json."""
     uri = resolve_tracking_uri(cfg)
     existing = find_run_by_name(cfg, unfinished_only=True)
     if existing:
@@ -277,10 +285,33 @@ def open_training_run(cfg: Config, tags: dict[str, str] | None = None, parent_ru
         print(f"[driver] resuming MLflow run {existing} of run.name={cfg.run.name}", flush=True)
     else:
         tracker = Tracker.start(cfg, tags={**environment_tags(cfg.run.num_workers), **(tags or {})},
-                                parent_run_id=parent_run_id)
+                                parent_run_id=parent_run_id, run_name=run_name)
         print(f"[driver] MLflow run {tracker.run_id} at {redact(uri)}", flush=True)
     out_dir = cfg.output_dir / cfg.run.name
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(redact(cfg.to_dict()), indent=2))
     tracker.log_artifact(out_dir / "config.json")
     return tracker
+
+
+@contextlib.contextmanager
+def worker_tracker(uri: str, run_id: str, spool: str | os.PathLike | None,
+                   tracking: TrackingConfig) -> Iterator[Tracker]:
+    """Rank 0's writer for one training: per-epoch metrics (queued through an outage, see the module doc)
+    and, with `tracking.system_metrics`, MLflow's system metrics sampled while it trains.
+
+    Every MLflow call of the block makes one short try: the worker never waits on a server that is down,
+    neither for its metrics nor for the sampler, which ends within seconds at an outage and is started
+    again by the first flush that gets through. What is queued is flushed at the end."""
+    tracker = Tracker(uri, run_id, spool=spool)
+    with short_http():
+        if tracking.system_metrics:
+            tracker.system_metrics = SystemMetrics(uri, run_id, tracking.system_metrics_interval_s)
+            tracker.system_metrics.start()
+        try:
+            yield tracker
+        finally:
+            if tracker.system_metrics is not None:
+                tracker.system_metrics.stop()
+                tracker.system_metrics = None
+    tracker.flush()
