@@ -15,14 +15,14 @@ The work is split in two halves, so that its cost on a GPU is a fixed, small num
    kernel, an identity colour matrix) or is selected back with `torch.where`.
 
 Both views of `TwoViews` are one batch of 2B images through the same ops (each row with its own view's
-probabilities and strengths), so a step's augmentation is about 150 dispatched ops however large the
-batch (tests/test_augment.py counts them).
+probabilities and strengths), so a step's augmentation is 142 dispatched ops on 1-channel images and 201
+on 3-channel ones (the paper's T and T'), however large the batch (tests/test_augment.py bounds them).
 
 The ops (``AugmentConfig.ops``, a subset of ``AUG_OPS``) and what they do, on images in [0, 1]:
 
 - ``crop``: torchvision's RandomResizedCrop box (area fraction U(scale), log-aspect U(log ratio), 10 tries
-  then a centre crop), resampled with bicubic ``grid_sample`` and clamped to [0, 1]. Boxes are whole pixels
-  like torchvision's. Without ``crop`` the image is only resized to ``out_size``. The resample does not
+  then a centre crop), resampled with ``grid_sample``'s bicubic kernel (computed as two matmuls) and
+  clamped to [0, 1]. Boxes are whole pixels like torchvision's. Without ``crop`` the image is only resized to ``out_size``. The resample does not
   antialias, which only matters when a box is much larger than ``out_size`` (large ImageNet-style inputs).
 - ``flip``: horizontal flip, folded into the crop's affine matrix (one resample for both).
 - ``jitter``: brightness, contrast, saturation and hue in a random order drawn per image, clamped to
