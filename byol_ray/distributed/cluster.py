@@ -75,6 +75,11 @@ def connect(address: str = "") -> bool:
     """ray.init unless already connected; returns whether this call connected (so the caller shuts down)."""
     if ray.is_initialized():
         return False
+    # Ray starts its workers at nice 15 while its own daemons (GCS, raylet, dashboard) and the driver run at
+    # 0, so on a 2-core machine each of their bursts preempts training. A local Ray started here runs its
+    # workers at normal priority (as Ray's job manager does for job drivers); a user's own setting wins, and
+    # a running cluster keeps the niceness it was started with.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     try:
         ray.init(address=address or None, log_to_driver=True)
     except ConnectionError as e:
