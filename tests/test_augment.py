@@ -538,3 +538,19 @@ def test_jitter_applies_each_images_own_order_of_all_four_ops():
                 name = JITTER_OPS[k]
                 ref = ops[name](ref, float(p[name][i]))
         torch.testing.assert_close(y[i], ref, atol=2e-5, rtol=0, msg=f"image {i}")
+
+
+def test_views_with_different_blur_kernels_blur_each_with_its_own():
+    """Both views run as one batch: a view with a smaller blur kernel than the other gets exactly its own
+    (zero weight on the extra taps), as when it runs alone."""
+    v1 = dataclasses.replace(T, blur_prob=1.0, blur_kernel_frac=0.1)  # 32 px -> 3 taps
+    v2 = dataclasses.replace(T2, blur_prob=1.0, blur_kernel_frac=0.3)  # 32 px -> 9 taps
+    two = TwoViews(AugmentConfig(view1=v1, view2=v2), 32, [0.5] * 3, [0.25] * 3)
+    assert two.batched.blur_sizes == [3, 9]
+    x = torch.rand(6, 3, 32, 32)
+    p = two.batched.sample_params(6, 3, (32, 32), gen(4), "cpu")
+    both = two.batched.apply(x.repeat(2, 1, 1, 1), p)
+    for i, view in enumerate((v1, v2)):
+        alone = ViewTransform(view, ALL, 32, [0.5] * 3, [0.25] * 3)
+        own = {k: v[6 * i : 6 * (i + 1)] for k, v in p.items()}
+        torch.testing.assert_close(both[6 * i : 6 * (i + 1)], alone.apply(x, own), atol=1e-5, rtol=0)

@@ -78,7 +78,7 @@ _ORDER = slice(_FACTORS.stop, _FACTORS.stop + len(JITTER_OPS))
 N_DRAWS = _ORDER.stop
 # Sector offsets of HSV -> RGB per output channel: c = V - V S clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6.
 _HSV_SECTORS = (5.0, 3.0, 1.0)
-_NO_BLUR_SIGMA = 1e-20  # (p / sigma)^2 overflows to inf for every tap but the centre: an exact impulse
+_NO_BLUR_SIGMA = 1e-10  # p^2 / sigma^2 is ~1e20 for every tap but the centre: exp gives an exact impulse
 
 
 def noop_ops(channels: int) -> list[str]:
@@ -282,8 +282,7 @@ class _Consts:
     gray: torch.Tensor  # [C, C] L = 1 luma^T (every channel becomes the luma)
     eye: torch.Tensor  # [C, C]
     sectors: torch.Tensor  # [1, 3, 1]
-    blur_pos: torch.Tensor  # [K] tap offsets
-    blur_taps: torch.Tensor | None  # [N, K] 1 inside each row's own kernel, 0 outside (None: all equal)
+    blur_logit: torch.Tensor  # [N, K] -p^2 / 2 per tap offset p; -inf outside a row's own (smaller) kernel
     solarize_at: torch.Tensor  # [N] each row's view's threshold
     mean: torch.Tensor  # [1, C, 1, 1]
     std: torch.Tensor
@@ -391,10 +390,10 @@ class BatchedViews:
                 x = torch.bmm(gray, x.view(N, C, -1)).view_as(x)
             elif op == "blur":
                 sigma = torch.where(params["blur"], params["blur_sigma"], _NO_BLUR_SIGMA)
-                kern = torch.exp(-0.5 * (c.blur_pos / sigma.unsqueeze(1)) ** 2)
-                if c.blur_taps is not None:  # views with smaller kernels: zero taps outside their own
-                    kern = kern * c.blur_taps
-                x = gaussian_blur(x, kern / kern.sum(dim=1, keepdim=True))
+                # exp(-p^2 / (2 sigma^2)) normalised; its largest tap is the centre's exp(0), so softmax
+                # (which subtracts the maximum) computes exactly that.
+                kern = torch.softmax(c.blur_logit / sigma.square().unsqueeze(1), dim=1)
+                x = gaussian_blur(x, kern)
             elif op == "solarize":
                 at = torch.where(params["solarize"], c.solarize_at, 2.0).view(N, 1, 1, 1)  # 2: never
                 x = torch.where(x >= at, 1.0 - x, x)
@@ -450,17 +449,23 @@ class BatchedViews:
             stages = torch.cat([torch.where(before, stages, c.stage_identity)[:, : n - 1],
                                 torch.where(before, c.stage_identity, stages)[:, 1:]], 1)
         S = stages.shape[1]
-        # Per stage s: M (colour matrix), K (mean matrix), d (offset), each [N, ...], stage-major.
-        mk = (stages[..., :3] @ c.stage_basis).transpose(0, 1).reshape(S, N, 2, C, C)
-        ms, ks = mk[:, :, 0].unbind(0), mk[:, :, 1].unbind(0)
-        ds = stages[..., 3].t().reshape(S, N, 1, 1).unbind(0)
+        if C == 1:
+            # 1 x 1 "matrices": y = a x + c2 mean(x) + d elementwise (c1, the saturation's, is never
+            # active on one channel). Per stage [4, N, 1, 1]: a, c1, c2, d.
+            ms = stages.permute(1, 2, 0).reshape(S, 4, N, 1, 1).unbind(0)
+        else:
+            # Per stage: M (colour matrix), K (mean matrix), d (offset), each [N, ...], stage-major.
+            mk = (stages[..., :3] @ c.stage_basis).transpose(0, 1).reshape(S, N, 2, C, C)
+            ms, ks = mk[:, :, 0].unbind(0), mk[:, :, 1].unbind(0)
+            ds = stages[..., 3].t().reshape(S, N, 1, 1).unbind(0)
         xf = x.reshape(N, C, -1)
         for s in range(S):
             if hue and s == n - 1:
                 xf = self._hue(xf, p, c)
             mean = xf.mean(2, keepdim=True)
-            if C == 1:  # 1 x 1 matrices: elementwise products, faster than batched matmuls of scalars
-                xf = torch.addcmul(torch.addcmul(ds[s], ks[s], mean), ms[s], xf).clamp_(0.0, 1.0)
+            if C == 1:
+                a, _, k, d = ms[s].unbind(0)
+                xf = torch.addcmul(torch.addcmul(d, k, mean), a, xf).clamp_(0.0, 1.0)
             else:  # M x + (K mean(x) + d)
                 xf = torch.baddbmm(torch.baddbmm(ds[s], ks[s], mean), ms[s], xf).clamp_(0.0, 1.0)
         if hue and S == 0:  # hue is the only active jitter op
@@ -523,10 +528,8 @@ class BatchedViews:
         A = -0.75
         j = torch.arange(self.out_size, **f32).expand(2, -1)
         r = self.blur_size // 2
-        taps = None
-        if len(set(self.blur_sizes)) > 1:
-            taps = rows([[1.0 if abs(i - r) <= k // 2 else 0.0 for i in range(self.blur_size)]
-                         for k in self.blur_sizes])
+        blur_logit = rows([[-0.5 * (i - r) ** 2 if abs(i - r) <= k // 2 else -math.inf for i in range(self.blur_size)]
+                           for k in self.blur_sizes])
         return _Consts(
             crop=CropSpace.build([v.crop_scale for v in self.views], [v.crop_ratio for v in self.views], batch,
                                  (H, W), device),
@@ -541,7 +544,7 @@ class BatchedViews:
             jitter_identity=t([0, 1, 1, 0]), stage_a0=a0, stage_a1=a1, stage_identity=t([1, 0, 0, 0]),
             jitter_active=torch.tensor(self._active_jitter(C), dtype=torch.long, device=device),
             stage_basis=basis, gray=gray, eye=eye, sectors=t(_HSV_SECTORS).view(1, 3, 1),
-            blur_pos=torch.arange(-r, r + 1, **f32), blur_taps=taps,
+            blur_logit=blur_logit,
             solarize_at=rows([v.solarize_threshold for v in self.views]),
             mean=_channel_stat(self.mean, torch.empty(1, C, 1, 1, **f32)),
             std=_channel_stat(self.std, torch.empty(1, C, 1, 1, **f32)),
