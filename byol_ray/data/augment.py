@@ -169,8 +169,7 @@ def crop_boxes(u: torch.Tensor, c: CropSpace) -> tuple[torch.Tensor, torch.Tenso
     r = torch.addcmul(c.lo, tries, c.span)  # [N, 3, tries]: area fraction, -log aspect, log aspect
     hw = (r[:, 1:].exp() * r[:, :1]).mul_(c.area).sqrt_().round_()  # h = sqrt(A / aspect), w = sqrt(A aspect)
     valid = ((hw > 0) & (hw <= c.hw_max)).all(1)
-    first = valid.to(torch.uint8).argmax(1, keepdim=True)  # argmax returns the first maximum
-    found = valid.any(1, keepdim=True)
+    found, first = valid.max(1, keepdim=True)  # whether any try is valid, and the first valid one
     kept = torch.cat([hw, r], 1).gather(2, first.unsqueeze(1).expand(N, 5, 1)).squeeze(2)
     kept = torch.where(found, kept, c.fallback)
     hw = kept[:, :2]
@@ -264,7 +263,8 @@ class _Consts:
     factor_lo: torch.Tensor  # [N, 5] FACTORS ranges
     factor_span: torch.Tensor
     full_box: torch.Tensor  # [1, 4] the whole image (no crop op)
-    half: torch.Tensor  # [2] 0.5
+    src_a: torch.Tensor  # [4, 4] box (top, left, h, w) -> (start y, start x, step y, step x)
+    src_b: torch.Tensor  # [4]
     j: torch.Tensor  # [2, out] output pixel index along y and x
     j_flipped: torch.Tensor  # [2, out] the same with x reversed
     tap_off: torch.Tensor  # [4] with tap_sign: distances t + 1, t, 1 - t, 2 - t to the 4 taps
@@ -284,8 +284,8 @@ class _Consts:
     sectors: torch.Tensor  # [1, 3, 1]
     blur_logit: torch.Tensor  # [N, K] -p^2 / 2 per tap offset p; -inf outside a row's own (smaller) kernel
     solarize_at: torch.Tensor  # [N] each row's view's threshold
-    mean: torch.Tensor  # [1, C, 1, 1]
-    std: torch.Tensor
+    scale: torch.Tensor  # [1, C, 1, 1] 1 / std
+    shift: torch.Tensor  # [1, C, 1, 1] -mean / std
 
 
 class BatchedViews:
@@ -397,7 +397,7 @@ class BatchedViews:
             elif op == "solarize":
                 at = torch.where(params["solarize"], c.solarize_at, 2.0).view(N, 1, 1, 1)  # 2: never
                 x = torch.where(x >= at, 1.0 - x, x)
-        return (x - c.mean) / c.std
+        return torch.addcmul(c.shift, x, c.scale)  # (x - mean) / std in one pass
 
     def _crop_flip(self, x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, c: _Consts) -> torch.Tensor:
         """Resample each image's box to out_size x out_size, mirrored where `flip`: exactly grid_sample's
@@ -410,11 +410,11 @@ class BatchedViews:
         times faster than affine_grid + grid_sample at small sizes; on a GPU it is two GEMMs.
         """
         N, C, H, W = x.shape
-        size = box[:, 2:].to(x.dtype)  # h, w
-        step = size / self.out_size
-        start = torch.addcmul(box[:, :2].to(x.dtype) - 0.5, step, c.half)  # box origin + half a step
+        # Per axis (y, x): the source coordinate of output pixel 0, top + h / (2 out) - 1/2, and the step
+        # between output pixels, h / out; one small matmul for all boxes.
+        start, step = torch.addmm(c.src_b, box.to(x.dtype), c.src_a).view(N, 2, 2, 1).unbind(1)
         j = torch.where(flip.view(N, 1, 1), c.j_flipped, c.j)  # [N, 2, out] output index per axis
-        src = torch.addcmul(start.unsqueeze(2), step.unsqueeze(2), j)  # source coordinate
+        src = torch.addcmul(start, step, j)  # source coordinates
         base = torch.floor(src)
         d = torch.addcmul(c.tap_off, (src - base).unsqueeze(3), c.tap_sign)  # distance to each of 4 taps
         c0, c1, c2, c3 = c.cubic
@@ -525,8 +525,11 @@ class BatchedViews:
         basis = torch.stack([torch.cat([eye.flatten(), torch.zeros(C * C, **f32)]),
                              torch.cat([gray.flatten(), torch.zeros(C * C, **f32)]),
                              torch.cat([torch.zeros(C * C, **f32), gray.flatten()])])
+        mean = _channel_stat(self.mean, torch.empty(1, C, 1, 1, **f32))
+        std = _channel_stat(self.std, torch.empty(1, C, 1, 1, **f32))
         A = -0.75
-        j = torch.arange(self.out_size, **f32).expand(2, -1)
+        out = self.out_size
+        j = torch.arange(out, **f32).expand(2, -1)
         r = self.blur_size // 2
         blur_logit = rows([[-0.5 * (i - r) ** 2 if abs(i - r) <= k // 2 else -math.inf for i in range(self.blur_size)]
                            for k in self.blur_sizes])
@@ -535,7 +538,8 @@ class BatchedViews:
                                  (H, W), device),
             probs=rows(probs), factor_lo=rows(lo), factor_span=rows(span),
             full_box=t([[0.0, 0.0, H, W]]),
-            half=t([0.5, 0.5]), j=j, j_flipped=torch.stack([j[0], j[1].flip(0)]),
+            src_a=t([[1, 0, 0, 0], [0, 1, 0, 0], [0.5 / out, 0, 1 / out, 0], [0, 0.5 / out, 0, 1 / out]]),
+            src_b=t([-0.5, -0.5, 0.0, 0.0]), j=j, j_flipped=torch.stack([j[0], j[1].flip(0)]),
             tap_off=t([1.0, 0.0, 1.0, 2.0]), tap_sign=t([1.0, 1.0, -1.0, -1.0]), tap_idx=t([-1.0, 0.0, 1.0, 2.0]),
             tap_min=torch.zeros(2, 1, 1, **f32), tap_max=t([H - 1, W - 1]).view(2, 1, 1),
             # Keys' cubic with a = -0.75 (torch's bicubic): |d| <= 1 for the inner taps, 1 < |d| < 2 outer.
@@ -546,8 +550,7 @@ class BatchedViews:
             stage_basis=basis, gray=gray, eye=eye, sectors=t(_HSV_SECTORS).view(1, 3, 1),
             blur_logit=blur_logit,
             solarize_at=rows([v.solarize_threshold for v in self.views]),
-            mean=_channel_stat(self.mean, torch.empty(1, C, 1, 1, **f32)),
-            std=_channel_stat(self.std, torch.empty(1, C, 1, 1, **f32)),
+            scale=1.0 / std, shift=-mean / std,
         )
 
 
