@@ -273,6 +273,7 @@ class _Consts:
     tap_min: torch.Tensor  # [2, 1, 1] zeros
     tap_max: torch.Tensor  # [2, 1, 1] last pixel index along y and x
     cubic: tuple[torch.Tensor, ...]  # 4 x [4]: per tap, the coefficient of d^0, d^1, d^2, d^3 of the kernel
+    resample: torch.Tensor  # [N, 2, out, max(H, W)] scratch for the per-image resampling matrices
     jitter_identity: torch.Tensor  # [4] factors that do nothing (delta 0, factor 1)
     stage_a0: torch.Tensor  # [4, 4] jitter op -> stage coefficients (a, c1, c2, d) = a0 + factor * a1
     stage_a1: torch.Tensor
@@ -420,7 +421,9 @@ class BatchedViews:
         c0, c1, c2, c3 = c.cubic
         weight = torch.addcmul(c0, torch.addcmul(c1, torch.addcmul(c2, c3, d), d), d)
         taps = torch.clamp(base.unsqueeze(3) + c.tap_idx, min=c.tap_min, max=c.tap_max).long()
-        mats = x.new_zeros(N, 2, self.out_size, max(H, W)).scatter_add_(3, taps, weight)
+        # A buffer kept between calls: a fresh 1-2 MB tensor each call costs the CPU page faults when its
+        # memory is first touched, more than the zeroing itself.
+        mats = c.resample.zero_().scatter_add_(3, taps, weight)
         ry, rx = mats[:, 0, :, :H], mats[:, 1, :, :W]
         out = self.out_size
         y = torch.bmm(x.reshape(N, C * H, W), rx.transpose(1, 2)).view(N * C, H, out)  # along x
@@ -545,6 +548,7 @@ class BatchedViews:
             # Keys' cubic with a = -0.75 (torch's bicubic): |d| <= 1 for the inner taps, 1 < |d| < 2 outer.
             cubic=t([[-4 * A, 1, 1, -4 * A], [8 * A, 0, 0, 8 * A], [-5 * A, -(A + 3), -(A + 3), -5 * A],
                      [A, A + 2, A + 2, A]]).unbind(0),
+            resample=torch.zeros(batch * len(self.views), 2, out, max(H, W), **f32),
             jitter_identity=t([0, 1, 1, 0]), stage_a0=a0, stage_a1=a1, stage_identity=t([1, 0, 0, 0]),
             jitter_active=torch.tensor(self._active_jitter(C), dtype=torch.long, device=device),
             stage_basis=basis, gray=gray, eye=eye, sectors=t(_HSV_SECTORS).view(1, 3, 1),
