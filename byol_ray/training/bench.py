@@ -42,6 +42,7 @@ from ..core.engine import InputSpec, Pretrainer, pick_device
 from ..core.ema import ema_loop_
 from ..core.model import unwrap
 from ..core.sync import DispatchCounter
+from .cpu_runtime import configure_cpu
 from ..data.augment import TwoViews, reference_view_transform
 from ..data.readers import channel_stats, load_split
 from ..errors import UserError
@@ -92,7 +93,7 @@ class Bench:
         self.cfg, self.repeats, self.warmup = cfg, repeats, warmup
         self.device = pick_device(cfg)
         if self.device.type == "cpu":
-            torch.set_num_threads(cfg.run.torch_threads or max(1, int(cfg.run.cpus_per_worker)))
+            configure_cpu(cfg)
         self.batch = cfg.optim.batch_size
         self.source = data_source(cfg, synthetic, self.device)
         self.mean, self.std = self.source.mean, self.source.std

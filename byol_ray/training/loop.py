@@ -32,6 +32,7 @@ from ..eval.scoring import EvalRow, evaluate_encoders, extract_features, knn_acc
 from ..seeding import epoch_seed
 from .plan import (EVAL_OVERHEAD, UNTIMED_STEPS, WARMUP_STEPS, StepPlan, agree, budget_steps, describe,
                    epochs_plan, measure_embed_seconds, measure_step_seconds)
+from .cpu_runtime import configure_cpu
 from .replicas import check_replicas
 from .session import Session
 
@@ -147,7 +148,7 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
     rank, world = session.rank, session.world_size
     device = pick_device(cfg, session.local_rank)
     if device.type == "cpu":
-        torch.set_num_threads(cfg.run.torch_threads or max(1, int(cfg.run.cpus_per_worker)))
+        configure_cpu(cfg)
 
     data = load_train_data(cfg, device)
     spe = steps_per_epoch(cfg, len(data))
