@@ -114,7 +114,8 @@ class ModelConfig:
     predictor_layers: int = 2
     use_predictor: bool = True
     # Each view through the encoder in its own forward pass, so BatchNorm statistics are per view as in
-    # the paper. False concatenates the two views into one batch (faster on small batches).
+    # the paper. False concatenates the two views into one batch (BatchNorm then mixes the views); on the
+    # 2-core reference CPU that step was 4-5% slower (README, Speed); gpu_check.sh measures it on a GPU.
     separate_view_forward: bool = True
     # What the target's BatchNorm running statistics do: "ema" averages them with the online ones like
     # the weights; "copy" copies them. The target runs in train mode (batch statistics) during
