@@ -15,7 +15,7 @@ The work is split in two halves, so that its cost on a GPU is a fixed, small num
    kernel, an identity colour matrix) or is selected back with `torch.where`.
 
 Both views of `TwoViews` are one batch of 2B images through the same ops (each row with its own view's
-probabilities and strengths), so a step's augmentation is 142 dispatched ops on 1-channel images and 201
+probabilities and strengths), so a step's augmentation is 123 dispatched ops on 1-channel images and 191
 on 3-channel ones (the paper's T and T'), however large the batch (tests/test_augment.py bounds them).
 
 The ops (``AugmentConfig.ops``, a subset of ``AUG_OPS``) and what they do, on images in [0, 1]:
