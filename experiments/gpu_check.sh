@@ -61,7 +61,7 @@ fi
 
 run_step step_check 150 "$PY" experiments/gpu_step_check.py "$OUTDIR/step_check.json"
 
-BENCH=("$PY" -m byol_ray.bench --repeats 10 --warmup 5)
+BENCH=("$PY" -m byol_ray.bench --repeats 8 --warmup 4)  # warm-up >= 4: a graph is recorded on the 4th step
 GRAPH=(run.compile=true run.compile_mode=graph)
 R18=(--config experiments/fmnist.yaml --synthetic 8192 model.in_channels=3 data.image_size=32 model.stem=small
      model.width=64 model.projector_hidden=4096 model.predictor_hidden=4096 optim.batch_size=512 run.device=cuda
