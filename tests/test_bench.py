@@ -63,12 +63,14 @@ def test_bench_json_has_the_documented_figures_and_logs_to_mlflow(tmp_path, fmni
     assert p["over_step"] == pytest.approx(p["images_per_s"] / step["images_per_s"], rel=1e-9)
     # The budget's plan, from the training loop's own planner at the measured step time: the steps fill
     # the 15 s less the evaluation it keeps back (256 train + 128 test images, two encoders), up to the
-    # config's 50 epochs of 16 steps (the params round the reserve to 0.1 s: one step either way).
+    # config's 50 epochs of 16 steps. The params round the reserve to 0.1 s, so the steps recomputed here
+    # may differ by up to 0.05 s worth of steps, plus one for the truncation.
     plan = res["budget_plan"]
     assert plan["plan.warmup_images_per_s"] == pytest.approx(step["images_per_s"], rel=1e-3)
     train_s = 15 - plan["plan.eval_reserve_s"]
     assert 0 < plan["plan.eval_reserve_s"] < 15
-    assert abs(plan["plan.total_steps"] - min(int(train_s / (step["step_ms"] / 1e3)), 50 * 16)) <= 1
+    step_s = step["step_ms"] / 1e3
+    assert abs(plan["plan.total_steps"] - min(int(train_s / step_s), 50 * 16)) <= 1 + 0.05 / step_s
     assert plan["plan.epochs"] == -(-plan["plan.total_steps"] // 16) and plan["steps_per_epoch"] == 16
     d = res["dispatch"]
     assert d["step_syncs"] == 0 and d["augmentation_syncs"] == 0  # the step and the views never sync
