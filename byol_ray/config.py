@@ -30,13 +30,13 @@ class ConfigError(UserError, ValueError):
 
 # Names that users type; unknown names fail at load time.
 AUG_OPS = ("crop", "flip", "jitter", "grayscale", "blur", "solarize")
-BACKBONES = ("resnet18", "resnet34", "resnet50")
+BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "small", "small_pool")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder")
 OPTIMIZERS = ("lars", "sgd", "adamw")
 TAU_SCHEDULES = ("cosine", "constant")
 TARGET_BN_MODES = ("ema", "copy")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 CRASH_KINDS = ("kill", "user_error")
 COMPILE_MODES = ("networks", "graph", "step")
 
@@ -190,7 +190,9 @@ class RunConfig:
     torch_threads: int = 0  # 0 = cpus_per_worker
     # "bf16" runs the forward passes under bf16 autocast (weights, loss, optimiser and EMA stay fp32), on
     # GPUs and on CPUs with native bf16 (AVX-512 BF16 or AMX; refused on others, where oneDNN would emulate
-    # it slowly). The default fp32 leaves results bit for bit as they were.
+    # it slowly). "auto" is bf16 where the worker's device runs it natively and fp32 elsewhere (the main
+    # job's choice: one config for AVX2 laptops, bf16 CPUs and GPUs). The default fp32 leaves results bit
+    # for bit as they were.
     precision: str = "fp32"
     compile: bool = False  # see compile_mode (worth it on GPUs for long runs)
     # What run.compile=true does: "networks" torch.compiles the online and target networks; "graph" records
@@ -222,6 +224,9 @@ class DebugConfig:
     # "kill": the lost worker above (Ray restarts the group); "user_error": the rank raises a UserError at
     # that step on every try instead, as an error in the user's input would (the run ends at once).
     crash_kind: str = "kill"
+    # Every training step sleeps this long, the warm-up's excepted: a machine that slows down after a
+    # time-budgeted run planned (tests of re-planning).
+    step_delay_s: float = 0.0
 
 
 @dataclass
@@ -507,6 +512,7 @@ def _validate_fields(cfg: Config) -> None:
     _check(r.torch_threads >= 0, "run.torch_threads", "must be >= 0")
     _choice(r.precision, PRECISIONS, "run.precision")
     _choice(cfg.debug.crash_kind, CRASH_KINDS, "debug.crash_kind")
+    _check(cfg.debug.step_delay_s >= 0, "debug.step_delay_s", f"must be >= 0 seconds, got {cfg.debug.step_delay_s}")
     _choice(r.compile_mode, COMPILE_MODES, "run.compile_mode")
     if r.compile and r.compile_mode != "networks":
         _check(r.device != "cpu", "run.compile_mode",

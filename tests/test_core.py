@@ -321,6 +321,16 @@ def test_encoder_matches_torchvision(backbone, ctor, dim):
         assert enc(torch.zeros(1, 3, 64, 64)).shape == (1, dim)
 
 
+def test_resnet10_is_resnet18_with_one_block_per_stage():
+    r10, r18 = ResNetEncoder("resnet10", 1, "small_pool", 32), ResNetEncoder("resnet18", 1, "small_pool", 32)
+    s10, s18 = _shapes(r10), _shapes(r18)
+    # Every stage keeps its first block (the one that changes width and stride) and drops the second.
+    assert s10 == {k: v for k, v in s18.items() if not any(k.startswith(f"layer{i}.1.") for i in range(1, 5))}
+    assert r10.out_dim == r18.out_dim == 256
+    with torch.no_grad():
+        assert r10.eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 256)
+
+
 def test_width_scales_channels():
     e64 = ResNetEncoder("resnet18", 1, "small_pool", 64)
     e32 = ResNetEncoder("resnet18", 1, "small_pool", 32)
@@ -575,3 +585,20 @@ def test_bf16_on_cpu_autocasts_the_forward_where_the_cpu_has_it_and_is_refused_e
     fp32 = Pretrainer(cfg.replace({"run.precision": "fp32"}), spec, steps_per_epoch=5, device=torch.device("cpu"))
     with fp32.autocast():
         assert fp32.encoder(x).dtype == torch.float32
+
+
+def test_auto_precision_is_bf16_exactly_where_the_device_runs_it_natively():
+    from byol_ray.core.engine import InputSpec, Pretrainer, cpu_bf16_supported, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, cpu_bf16=True) == "bf16"
+    assert resolve_precision("auto", cpu, cpu_bf16=False) == "fp32"  # an AVX2 laptop: no emulated bf16
+    for explicit in ("fp32", "bf16"):
+        assert resolve_precision(explicit, cpu, cpu_bf16=False) == explicit
+    cfg = Config.from_dict({"model": {"width": 8, "projector_hidden": 32, "predictor_hidden": 32},
+                            "run": {"device": "cpu", "precision": "auto"}})
+    p = Pretrainer(cfg, InputSpec(1, 10, (0.5,), (0.25,)), steps_per_epoch=5, device=cpu)
+    native = cpu_bf16_supported()
+    assert p.precision == ("bf16" if native else "fp32")
+    with p.autocast():
+        assert p.encoder(torch.rand(2, 1, 28, 28)).dtype == (torch.bfloat16 if native else torch.float32)

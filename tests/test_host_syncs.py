@@ -69,12 +69,18 @@ def test_the_counter_sees_every_kind_of_host_sync():
     with DispatchCounter() as c:
         assert to_host(torch.stack([y.sum(), y.mean()])) == [36.0, 6.0]
     assert c.syncs == 1
+    with DispatchCounter() as c:  # a cast on the CPU (what autocast does) is no read
+        y.to(torch.bfloat16)
+        y.to("cpu", torch.bfloat16)
+    assert c.ops >= 1 and c.syncs == 0, c.sync_by_op
 
 
 # ---- the step -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("channels, accumulate, unlabelled", [(1, 1, False), (3, 2, True)])
-def test_train_steps_between_log_points_make_no_host_sync(channels, accumulate, unlabelled):
-    cfg = small_cfg(**{"optim.accumulate_steps": accumulate, "optim.grad_clip": 1.0})
+@pytest.mark.parametrize("channels, accumulate, unlabelled, precision",
+                         [(1, 1, False, "fp32"), (3, 2, True, "fp32"), (1, 1, False, "auto")])
+def test_train_steps_between_log_points_make_no_host_sync(channels, accumulate, unlabelled, precision):
+    # "auto" is bf16 autocast on a CPU with native bf16: its casts stay on the CPU and read nothing back.
+    cfg = small_cfg(**{"optim.accumulate_steps": accumulate, "optim.grad_clip": 1.0, "run.precision": precision})
     tr = make_trainer(cfg, channels)
     tr.start_epoch(0)
     steps = [[(x[i::accumulate], y[i::accumulate]) for x, y in micro for i in range(accumulate)]

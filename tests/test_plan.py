@@ -10,7 +10,9 @@ import torch
 
 from byol_ray.config import Config
 from byol_ray.training.loop import pretrain
-from byol_ray.training.plan import StepPlan, budget_steps, epochs_plan
+from byol_ray.core.ema import tau_at
+from byol_ray.core.schedules import schedule_position, warmup_cosine
+from byol_ray.training.plan import REPLAN_TOLERANCE, StepPlan, budget_steps, epochs_plan, replan
 from byol_ray.training.session import LocalSession
 
 
@@ -44,6 +46,53 @@ def test_budget_arithmetic():
     assert epochs_plan(cfg, 30) == StepPlan(3000, 30)
 
 
+def test_replan_arithmetic_and_schedules_continuous_through_it():
+    cfg = Config().replace({"optim.time_budget_minutes": 1.0, "optim.epochs": 100, "eval.final": True,
+                            "eval.knn_every": 0})
+    plan = budget_steps(cfg, 30, step_s=0.1, eval_s=6.0, knn_s=2.0, elapsed_s=4.0)  # 500 steps, as above
+    # On time after 5 epochs (4 s + 150 x 0.1 s): no re-plan, and none for noise within the tolerance.
+    assert replan(cfg, plan, 150, elapsed_s=19.0, step_s=0.1) is None
+    assert replan(cfg, plan, 150, elapsed_s=19.0, step_s=0.1 * (1 + REPLAN_TOLERANCE / 2)) is None
+    # Slowed down: 29 s spent, (60 - 29 - 6) / 0.25 = 100 steps left -> 250 in all.
+    slow = replan(cfg, plan, 150, elapsed_s=29.0, step_s=0.25)
+    assert (slow.total_steps, slow.epochs, slow.schedule_steps, slow.knots) == (250, 9, 500, ((150, 150.0),))
+    assert slow.breakpoints() == ((0, 0.0), (150, 150.0), (250, 500.0))
+    # A second re-plan starts from where the first left the schedules: step 200 is position 150 + 50 x 3.5.
+    again = replan(cfg, slow, 200, elapsed_s=44.0, step_s=0.125)  # (60 - 44 - 6) / 0.125 = 80 left -> 280
+    assert again.knots == ((150, 150.0), (200, 325.0)) and again.total_steps == 280
+    # Faster than planned: more steps, up to optim.epochs; never fewer than one step left.
+    assert replan(cfg, plan, 150, elapsed_s=10.0, step_s=0.001).total_steps == 100 * 30
+    assert replan(cfg, plan, 150, elapsed_s=70.0, step_s=0.1).total_steps == 151
+
+    # The schedules through a re-plan: continuous at the knot, monotone, and at their ends on the new
+    # last step (lr 0, tau 1); a plan never re-planned maps every step to itself.
+    bp = slow.breakpoints()
+    assert [schedule_position(k, plan.breakpoints()) for k in (0, 7, 499, 500)] == [0, 7, 499, 500]
+    lrs = [warmup_cosine(schedule_position(k, bp), 500, 15, 1.0) for k in range(251)]
+    taus = [tau_at(schedule_position(k, bp), 500, 0.95) for k in range(251)]
+    assert lrs[149] == pytest.approx(warmup_cosine(149, 500, 15, 1.0))  # unchanged before the knot
+    assert abs(lrs[151] - lrs[150]) < abs(lrs[150] - lrs[149]) * 4  # no jump, a steeper slope
+    assert all(a >= b for a, b in zip(lrs[15:], lrs[16:])) and all(a <= b for a, b in zip(taus, taus[1:]))
+    assert lrs[250] == 0.0 and taus[250] == 1.0 and lrs[249] > 0.0
+
+
+def test_a_budgeted_run_on_a_machine_that_slows_down_replans_and_still_ends_on_time(tmp_path, fmnist_root):
+    """Every step after the warm-up sleeps 20 ms: the plan made from the warm-up no longer fits, so the run
+    re-plans after its epochs, ends on time with lr 0 and tau 1, and its checkpoint keeps the re-planned
+    schedule."""
+    cfg = cfg_of(fmnist_root, **{"optim.steps_per_epoch": 16, "debug.step_delay_s": 0.02})
+    session = LocalSession(tmp_path / "run", keep=1)
+    t0 = time.perf_counter()
+    out = pretrain(cfg, session)
+    wall = time.perf_counter() - t0
+    plan, trainer = out["plan"], out["trainer"]
+    budget = cfg.optim.time_budget_minutes * 60
+    assert plan.knots and plan.total_steps < plan.schedule_steps  # fewer steps than the warm-up promised
+    assert trainer.step == plan.total_steps and trainer.lr() == 0.0 and trainer.tau() == 1.0
+    assert StepPlan(**session.latest_state().plan) == plan
+    assert 0.6 * budget < wall < 1.15 * budget + 2, (wall, budget)
+
+
 def test_a_budgeted_run_plans_from_its_measured_rate_and_ends_on_time(tmp_path, fmnist_root):
     cfg = cfg_of(fmnist_root)
     t0 = time.perf_counter()
@@ -53,11 +102,13 @@ def test_a_budgeted_run_plans_from_its_measured_rate_and_ends_on_time(tmp_path, 
     budget = cfg.optim.time_budget_minutes * 60
     # The plan came from the warm-up: its rate times the training part of the budget is its step count.
     assert plan.budget_s == budget and plan.images_per_s > 0 and 0 < plan.elapsed_s < budget
+    # (Re-plans after each epoch keep it on time on a machine whose speed changes: the first plan is the
+    # schedules' length.)
     expected = int((budget - plan.elapsed_s) * plan.images_per_s / cfg.optim.batch_size)
-    assert abs(plan.total_steps - expected) <= 1
+    assert abs((plan.schedule_steps or plan.total_steps) - expected) <= 1
     assert plan.total_steps < cfg.optim.epochs * plan.steps_per_epoch  # the budget, not the epochs, decided
     # It ran exactly the planned steps, the last epoch part-way, and the schedules ended with them.
-    assert trainer.step == plan.total_steps and plan.total_steps % plan.steps_per_epoch != 0
+    assert trainer.step == plan.total_steps
     assert trainer.lr() == 0.0 and trainer.tau() == 1.0
     assert out["train"]["lr"] == 0.0 and out["train"]["tau"] == 1.0 and out["train"]["step"] == plan.total_steps
     # On time: a timing on a shared 2-core machine, so with room either way.

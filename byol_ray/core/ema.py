@@ -8,7 +8,7 @@ from torch import nn
 from .schedules import cosine_decay
 
 
-def tau_at(step: int, total_steps: int, tau_base: float, schedule: str = "cosine") -> float:
+def tau_at(step: float, total_steps: float, tau_base: float, schedule: str = "cosine") -> float:
     """tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2: tau_base at k = 0, 1 at k = K."""
     if schedule == "constant" or total_steps <= 0:
         return tau_base

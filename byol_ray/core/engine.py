@@ -29,7 +29,7 @@ from .ema import EMA, tau_at
 from .loss import byol_loss
 from .model import OnlineNetwork, make_target, memory_format, two_view_forward, unwrap
 from .optim import build_optimizer, peak_lr, set_lr
-from .schedules import warmup_cosine
+from .schedules import schedule_position, warmup_cosine
 from .sync import to_host
 
 # What one step's statistics tensor holds, in order: means over micro-batches of the loss, the probe's
@@ -57,6 +57,17 @@ def cpu_bf16_supported() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def resolve_precision(precision: str, device: torch.device, cpu_bf16: bool | None = None) -> str:
+    """The precision a replica on `device` computes in: run.precision, with "auto" made concrete as bf16 where
+    the device runs it natively (CUDA GPUs with bf16, CPUs with AVX-512 BF16 or AMX) and fp32 elsewhere.
+    `cpu_bf16` stands for the CPU's capability (default: this CPU's)."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if (cpu_bf16_supported() if cpu_bf16 is None else cpu_bf16) else "fp32"
+
+
 def recipe_for(cfg: Config, device_type: str) -> Config:
     """The config a run on `device_type` ("cpu" or "cuda") trains with: on GPUs the config's `on_gpu`
     recipe applied and run.device made explicit; on CPUs the config as it is."""
@@ -82,7 +93,7 @@ class Pretrainer:
         self.device = device
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = steps_per_epoch
-        self.total_steps = steps_per_epoch * cfg.optim.epochs
+        self.set_total_steps(steps_per_epoch * cfg.optim.epochs)
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
         self.peak_lr = peak_lr(cfg.optim)
         self.step = 0
@@ -103,8 +114,9 @@ class Pretrainer:
         self.target = make_target(unwrap(online)).to(device)
         if cfg.run.precision == "bf16" and device.type == "cpu" and not cpu_bf16_supported():
             raise ConfigError("run.precision: bf16 on this worker's CPU would be emulated (no AVX-512 BF16 or AMX "
-                              "instructions) and slower than fp32; set run.precision=fp32")
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg.run.precision]
+                              "instructions) and slower than fp32; set run.precision=fp32 (or auto)")
+        self.precision = resolve_precision(cfg.run.precision, device)
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[self.precision]
         mode = cfg.run.compile_mode if cfg.run.compile else ""
         if mode in ("networks", "step"):
             # In place (nn.Module.compile): parameter names, state dicts, DDP and the EMA's tensor lists
@@ -135,16 +147,24 @@ class Pretrainer:
             self.capture_steps()
 
     # ---- schedules ------------------------------------------------------------------------------
-    def set_total_steps(self, total_steps: int) -> None:
-        """The schedules' length: `optim.epochs` full epochs unless a time budget planned fewer steps."""
+    def set_total_steps(self, total_steps: int, breakpoints: Sequence[tuple[int, float]] = ()) -> None:
+        """The run's length: `optim.epochs` full epochs unless a time budget planned fewer steps.
+        `breakpoints` (core.schedules.schedule_position) map the steps of a re-planned run onto its schedules;
+        by default step k is position k and the schedules end at `total_steps`."""
         self.total_steps = total_steps
+        self.breakpoints = tuple(breakpoints) or ((0, 0.0), (total_steps, float(total_steps)))
+        self.schedule_steps = self.breakpoints[-1][1]
+
+    def position(self) -> float:
+        """This step's position on the lr and tau schedules (the step itself unless re-planned)."""
+        return schedule_position(self.step, self.breakpoints)
 
     def lr(self) -> float:
-        return warmup_cosine(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
+        return warmup_cosine(self.position(), self.schedule_steps, self.warmup_steps, self.peak_lr)
 
     def tau(self) -> float:
         o = self.cfg.optim
-        return tau_at(self.step, self.total_steps, o.tau_base, o.tau_schedule)
+        return tau_at(self.position(), self.schedule_steps, o.tau_base, o.tau_schedule)
 
     def start_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(epoch_seed(self.cfg.run.seed, self.rank, epoch, "augment"))

@@ -16,6 +16,8 @@ from torch import nn
 from ..config import ModelConfig
 
 _LAYERS = {
+    # One BasicBlock per stage: ResNet-18's stages at half its depth (a small-data, small-CPU encoder).
+    "resnet10": (torchvision.models.resnet.BasicBlock, [1, 1, 1, 1]),
     "resnet18": (torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
     "resnet34": (torchvision.models.resnet.BasicBlock, [3, 4, 6, 3]),
     "resnet50": (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]),

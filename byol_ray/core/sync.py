@@ -85,7 +85,10 @@ def _copies_to_host(name: str, args: tuple, kwargs: dict[str, Any]) -> bool:
         if device is None:
             return False
         if torch.device(device).type == "cpu":
-            return True
+            # A cast that stays on the CPU (autocast's bf16 copies name device=cpu) reads nothing back; a
+            # copy from a device, or an explicit copy to the host (`to_host`), does.
+            src = args[0]
+            return src.device.type != "cpu" or kwargs.get("dtype") in (None, src.dtype)
         return args[0].device.type == "cpu" and not args[0].is_pinned()
     if name == "aten.copy_" and len(args) >= 2:
         dst, src = args[0], args[1]

@@ -202,7 +202,7 @@ class Bench:
     def matmul_flop_s(self) -> float:
         """Dense square matmul FLOP/s in the dtype the networks compute in."""
         n = 8192 if self.device.type == "cuda" else 1024
-        dtype = torch.bfloat16 if self.cfg.run.precision == "bf16" else torch.float32
+        dtype = torch.bfloat16 if self.trainer.precision == "bf16" else torch.float32
         g = torch.Generator(device=self.device).manual_seed(0)
         a = torch.randn(n, n, device=self.device, dtype=torch.float32, generator=g).to(dtype)
         b = torch.randn(n, n, device=self.device, dtype=torch.float32, generator=g).to(dtype)
@@ -458,7 +458,7 @@ def setup_info(cfg: Config, b: Bench) -> dict[str, Any]:
         "synthetic": isinstance(b.source, SyntheticSource),
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "precision": cfg.run.precision, "compile": cfg.run.compile,
+        "precision": b.trainer.precision, "compile": cfg.run.compile,
         "compile_mode": cfg.run.compile_mode if cfg.run.compile else "",
         "channels_last": b.trainer.memory_format == torch.channels_last,  # as used (core.model.memory_format)
         "torch": torch.__version__, "python": platform.python_version(),

@@ -31,7 +31,7 @@ from ..data.transfer import adapt
 from ..eval.scoring import EvalRow, evaluate_encoders, extract_features, knn_accuracy
 from ..seeding import epoch_seed
 from .plan import (EVAL_OVERHEAD, UNTIMED_STEPS, WARMUP_STEPS, StepPlan, agree, budget_steps, describe,
-                   epochs_plan, measure_embed_seconds, measure_step_seconds)
+                   epochs_plan, measure_embed_seconds, measure_step_seconds, replan)
 from .cpu_runtime import configure_cpu
 from .replicas import check_replicas
 from .session import Session
@@ -159,29 +159,57 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
     if rank == 0:
         log(f"[train] {len(data)} images, {spe} steps/epoch, global batch {cfg.optim.batch_size} on {world} "
             f"worker(s), device {device}, encoder {cfg.model.backbone} (stem {cfg.model.stem}, width "
-            f"{cfg.model.width}, dim {trainer.encoder.out_dim})")
+            f"{cfg.model.width}, dim {trainer.encoder.out_dim}), precision {trainer.precision}")
     start_epoch, restarts, run_id, resumed_plan = resume(cfg, session, trainer, device, run_id)
+    own_plan = resumed_plan is None and plan is None  # only a plan this run made is re-planned
     plan = resumed_plan or plan
     if plan is None:
         plan = make_plan(cfg, trainer, data, rank, world, t_start)
         if rank == 0 and tracker is not None:
-            tracker.log_params(plan.params())
-    trainer.set_total_steps(plan.total_steps)
+            # run.precision may be "auto": record what the replicas computed in.
+            tracker.log_params({**plan.params(), "precision_used": trainer.precision})
+    trainer.set_total_steps(plan.total_steps, plan.breakpoints())
     if rank == 0:
         log(describe(plan, cfg))
 
     metrics: dict[str, Any] = {}
     rows: list[EvalRow] = []
-    for epoch in range(start_epoch, plan.epochs):
+    epoch = start_epoch
+    while epoch < plan.epochs:  # a re-plan may add or remove epochs
         metrics = train_one_epoch(cfg, trainer, data, epoch, rank, world, plan)
         metrics["restarts"] = restarts
         if cfg.debug.perturb_target_rank == rank and epoch == start_epoch:
             with torch.no_grad():
                 next(trainer.target.parameters()).add_(1e-3)
+        if own_plan and epoch + 1 < plan.epochs:
+            plan = replan_after_epoch(cfg, trainer, plan, metrics, rank, t_start, data.device)
+        metrics["planned_steps"] = plan.total_steps
         rows, collapsed = end_of_epoch(cfg, trainer, data, epoch, metrics, session, tracker, run_id, restarts, plan)
         if collapsed:
             break
+        epoch += 1
     return {"train": metrics, "trainer": trainer, "eval_rows": rows, "plan": plan}
+
+
+def replan_after_epoch(cfg: Config, trainer: Pretrainer, plan: StepPlan, metrics: dict[str, Any], rank: int,
+                       t_start: float, device: torch.device) -> StepPlan:
+    """The plan for the wall time left at the speed of the epoch just run (plan.replan), from rank 0's
+    clock on every rank, so that all replicas keep the same schedule; before the epoch's checkpoint,
+    which stores it."""
+    steps = metrics["step"] - (metrics["epoch"] - 1) * plan.steps_per_epoch
+    elapsed, step_s = agree([time.perf_counter() - t_start, metrics["epoch_seconds"] / steps], device)
+    new = replan(cfg, plan, trainer.step, elapsed, step_s)
+    if new is None:
+        return plan
+    trainer.set_total_steps(new.total_steps, new.breakpoints())
+    if rank == 0:
+        finish = time.strftime("%H:%M:%S", time.localtime(
+            time.time() + (new.total_steps - trainer.step) * step_s + new.reserve_s))
+        log(f"[plan] re-planned after epoch {metrics['epoch']}: {cfg.optim.batch_size / step_s:,.0f} img/s "
+            f"(warm-up {plan.images_per_s:,.0f}) -> {new.total_steps} steps = {new.total_steps / new.steps_per_epoch:.2f} "
+            f"epochs (was {plan.total_steps}); lr {trainer.lr():.4f} and tau {trainer.tau():.5f} carry on; "
+            f"expected to finish at {finish}")
+    return new
 
 
 def resume(cfg: Config, session: Session, trainer: Pretrainer, device: torch.device,
@@ -245,6 +273,8 @@ def train_one_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: in
     streamed = data.stream.micro_batches(epoch, batches) if data.stream is not None else None
     for s in range(spe):
         _maybe_crash(cfg, rank, trainer.step)
+        if cfg.debug.step_delay_s:
+            time.sleep(cfg.debug.step_delay_s)
         micro = next(streamed) if streamed is not None else [(data.images[i], data.labels[i]) for i in batches[s]]
         stats = trainer.train_step(micro)  # a device tensor: read only here at log points (one sync each)
         if rank == 0 and ((s + 1) % cfg.run.log_every == 0 or s + 1 == spe):

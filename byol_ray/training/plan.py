@@ -8,9 +8,14 @@ evaluation, and the plan fixes the total number of steps so that the cosine lr a
 exactly when the budget does, after keeping back the time the end-of-run evaluation (and any kNN
 monitor) will take. ``optim.epochs`` stays an upper limit: the smaller of the two wins.
 
-The plan is made once, stored in every checkpoint and logged to MLflow; a resumed run keeps it, so it
-follows the same schedule bit for bit. A machine that slows down after planning makes the run late; it
-does not change the schedule.
+The plan is stored in every checkpoint and logged to MLflow; a resumed run keeps it, so it follows the
+same schedule bit for bit. A shared or throttled machine does not keep the speed its warm-up measured
+(on the reference VM the same run went from 2,200 to 1,550 img/s and back within minutes), so a run that
+made its own plan re-plans after each epoch from the epoch's own speed and the wall time left
+(`replan`): its remaining steps are stretched or squeezed over the rest of the schedules, which stay
+continuous and still end (lr 0, tau 1) at the new last step. Re-plans within `REPLAN_TOLERANCE` are not
+made, a resumed run re-plans no more (it keeps its checkpoint's plan), and neither does a run given a
+plan to repeat.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import copy
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -27,6 +32,7 @@ import torch.distributed as dist
 
 from ..config import Config
 from ..core.engine import Pretrainer, distributed
+from ..core.schedules import schedule_position
 
 WARMUP_STEPS = 24  # timed steps; the first `UNTIMED_STEPS` more warm caches and the allocator
 UNTIMED_STEPS = 8
@@ -34,6 +40,9 @@ UNTIMED_STEPS = 8
 # fits the L-BFGS probe and kNN on the features (raw pixels too). Only the embedding is timed in the
 # warm-up; this factor covers the fits on top of it.
 EVAL_OVERHEAD = 2.0
+# A re-plan moves the end of the schedules only when the steps that fit the time left differ from those
+# planned by more than this fraction (epoch-to-epoch noise should not reshape the schedule).
+REPLAN_TOLERANCE = 0.03
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,23 @@ class StepPlan:
     images_per_s: float = 0.0  # measured during the warm-up
     reserve_s: float = 0.0  # kept back for the evaluation
     elapsed_s: float = 0.0  # spent before the first real step (data, model, warm-up)
+    # Re-plans (`replan`): (step, schedule position) where each took effect, and the schedules' length
+    # (the first plan's total_steps; 0 = total_steps, never re-planned).
+    knots: tuple[tuple[int, float], ...] = ()
+    schedule_steps: int = 0
+
+    def __post_init__(self):  # a checkpoint may hand the knots back as lists
+        object.__setattr__(self, "knots", tuple((int(s), float(p)) for s, p in self.knots))
+
+    def breakpoints(self) -> tuple[tuple[int, float], ...]:
+        """(step, schedule position) from the first step to the last (core.schedules.schedule_position)."""
+        return ((0, 0.0), *self.knots, (self.total_steps, float(self.schedule_steps or self.total_steps)))
+
+    def replanned(self, step: int, total_steps: int) -> "StepPlan":
+        """This plan with its schedules' remainder, from `step` on, spread over `total_steps` in all."""
+        here = schedule_position(step, self.breakpoints())
+        return replace(self, total_steps=total_steps, knots=(*self.knots, (step, here)),
+                       schedule_steps=self.schedule_steps or self.total_steps)
 
     @property
     def epochs(self) -> int:
@@ -82,6 +108,21 @@ def budget_steps(cfg: Config, steps_per_epoch: int, step_s: float, eval_s: float
     epochs = math.ceil(steps / steps_per_epoch)
     knn = knn_s * (epochs // cfg.eval.knn_every if cfg.eval.knn_every else 0)
     return StepPlan(steps, steps_per_epoch, budget, o.batch_size / step_s, reserve + knn, elapsed_s)
+
+
+def replan(cfg: Config, plan: StepPlan, step: int, elapsed_s: float, step_s: float) -> StepPlan | None:
+    """After an epoch of a budgeted run: the plan for the steps that fit the wall time left at the speed of
+    the epoch just run (`step_s` seconds a step, `elapsed_s` since the run started), or None when the
+    current plan is within REPLAN_TOLERANCE of it. optim.epochs still caps it, and at least one step is
+    left, so the schedules still end on a step of their own."""
+    left = plan.total_steps - step
+    if not plan.budget_s or left <= 0:
+        return None
+    fits = (plan.budget_s - elapsed_s - plan.reserve_s) / step_s
+    want = min(cfg.optim.epochs * plan.steps_per_epoch - step, max(1, int(fits)))
+    if abs(want - left) <= REPLAN_TOLERANCE * left:
+        return None
+    return plan.replanned(step, step + want)
 
 
 def measure_step_seconds(trainer: Pretrainer, batch: Callable[[int], list], steps: int = WARMUP_STEPS,
