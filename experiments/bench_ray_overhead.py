@@ -24,7 +24,7 @@ from byol_ray.training.loop import pretrain
 from byol_ray.training.session import LocalSession
 from byol_ray.distributed.driver import run_training
 
-BASE = ["data.train_subset=15360", "optim.epochs=3", "optim.warmup_epochs=0", "eval.final=false",
+BASE = ["data.train_subset=15360", "optim.epochs=3", "optim.time_budget_minutes=0", "optim.warmup_epochs=0", "eval.final=false",
         "tracking.enabled=false", "run.log_every=1000"]
 
 
