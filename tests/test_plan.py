@@ -77,10 +77,10 @@ def test_replan_arithmetic_and_schedules_continuous_through_it():
 
 
 def test_a_budgeted_run_on_a_machine_that_slows_down_replans_and_still_ends_on_time(tmp_path, fmnist_root):
-    """Every step after the warm-up sleeps 20 ms: the plan made from the warm-up no longer fits, so the run
+    """Every step after the warm-up sleeps 50 ms: the plan made from the warm-up no longer fits, so the run
     re-plans after its epochs, ends on time with lr 0 and tau 1, and its checkpoint keeps the re-planned
     schedule."""
-    cfg = cfg_of(fmnist_root, **{"optim.steps_per_epoch": 16, "debug.step_delay_s": 0.02})
+    cfg = cfg_of(fmnist_root, **{"optim.steps_per_epoch": 16, "debug.step_delay_s": 0.05})
     session = LocalSession(tmp_path / "run", keep=1)
     t0 = time.perf_counter()
     out = pretrain(cfg, session)
@@ -90,7 +90,8 @@ def test_a_budgeted_run_on_a_machine_that_slows_down_replans_and_still_ends_on_t
     assert plan.knots and plan.total_steps < plan.schedule_steps  # fewer steps than the warm-up promised
     assert trainer.step == plan.total_steps and trainer.lr() == 0.0 and trainer.tau() == 1.0
     assert StepPlan(**session.latest_state().plan) == plan
-    assert 0.6 * budget < wall < 1.15 * budget + 2, (wall, budget)
+    # Without re-planning the same run took 34 s here (22 s with 20 ms delays, too close to tell apart).
+    assert 0.6 * budget < wall < 1.3 * budget + 2, (wall, budget)
 
 
 def test_a_budgeted_run_plans_from_its_measured_rate_and_ends_on_time(tmp_path, fmnist_root):
