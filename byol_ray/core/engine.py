@@ -138,7 +138,8 @@ class Pretrainer:
         if cfg.eval.online_probe:
             self.probe = nn.Linear(unwrap(online).encoder.out_dim, inputs.n_classes).to(device)
             self.probe_opt = torch.optim.Adam(self.probe.parameters(), lr=1e-3, fused=True)
-        self.views = TwoViews(cfg.augment, cfg.augment.view_size or cfg.data.image_size, inputs.mean, inputs.std)
+        self.view_side = cfg.augment.view_size or cfg.data.image_size  # the training views' side in pixels
+        self.views = TwoViews(cfg.augment, self.view_side, inputs.mean, inputs.std)
         self.generator = torch.Generator(device=device)
         # Running sums of every step's STEP_STATS since the last `take_stats` (float64, on the device).
         self.stat_sums = torch.zeros(len(STEP_STATS), dtype=torch.float64, device=device)

@@ -28,8 +28,7 @@ def schedule_position(step: int, breakpoints: Sequence[tuple[int, float]]) -> fl
     and stretched or squeezed its remaining steps (training.plan.replan). `breakpoints` are increasing
     (step, position) pairs from (0, 0) to (last step, schedule length); positions in between are linear,
     so lr and tau stay continuous through a re-plan and still reach their ends at the last step."""
-    (s0, p0), (s1, p1) = breakpoints[0], breakpoints[1]
-    for k in range(1, len(breakpoints)):
+    for k in range(1, len(breakpoints)):  # at least one segment: (0, 0) to the last step
         (s0, p0), (s1, p1) = breakpoints[k - 1], breakpoints[k]
         if step < s1:
             break

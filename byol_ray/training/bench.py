@@ -227,7 +227,7 @@ class Bench:
     def augmentation(self) -> tuple[float, float]:
         """(batched, per-image) source images per second, two views each."""
         a = self.cfg.augment
-        size = a.view_size or self.cfg.data.image_size  # the views training makes (augment.view_size)
+        size = self.trainer.view_side  # the views training makes (augment.view_size)
         images = self.source.plain_images(self.images)
         dev = images.to(self.device)
         batched = self.batch / self.time(lambda: self.plain_views(dev, self.trainer.generator))
@@ -244,8 +244,7 @@ class Bench:
     @property
     def plain_views(self):
         if not hasattr(self, "_plain_views"):
-            a = self.cfg.augment
-            self._plain_views = TwoViews(a, a.view_size or self.cfg.data.image_size, self.mean, self.std)
+            self._plain_views = TwoViews(self.cfg.augment, self.trainer.view_side, self.mean, self.std)
         return self._plain_views
 
     def budget_plan(self, step_s: float) -> dict[str, Any] | None:

@@ -31,7 +31,7 @@ from ..data.transfer import adapt
 from ..eval.scoring import EvalRow, evaluate_encoders, extract_features, knn_accuracy
 from ..seeding import epoch_seed
 from .plan import (EVAL_OVERHEAD, UNTIMED_STEPS, WARMUP_STEPS, StepPlan, agree, budget_steps, describe,
-                   epochs_plan, measure_embed_seconds, measure_step_seconds, replan)
+                   describe_replan, epochs_plan, measure_embed_seconds, measure_step_seconds, replan)
 from .cpu_runtime import configure_cpu
 from .replicas import check_replicas
 from .session import Session
@@ -182,7 +182,7 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
             with torch.no_grad():
                 next(trainer.target.parameters()).add_(1e-3)
         if own_plan and epoch + 1 < plan.epochs:
-            plan = replan_after_epoch(cfg, trainer, plan, metrics, rank, t_start, data.device)
+            plan = replan_after_epoch(cfg, trainer, plan, epoch, metrics, rank, t_start, data.device)
         metrics["planned_steps"] = plan.total_steps
         rows, collapsed = end_of_epoch(cfg, trainer, data, epoch, metrics, session, tracker, run_id, restarts, plan)
         if collapsed:
@@ -191,24 +191,19 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
     return {"train": metrics, "trainer": trainer, "eval_rows": rows, "plan": plan}
 
 
-def replan_after_epoch(cfg: Config, trainer: Pretrainer, plan: StepPlan, metrics: dict[str, Any], rank: int,
-                       t_start: float, device: torch.device) -> StepPlan:
+def replan_after_epoch(cfg: Config, trainer: Pretrainer, plan: StepPlan, epoch: int, metrics: dict[str, Any],
+                       rank: int, t_start: float, device: torch.device) -> StepPlan:
     """The plan for the wall time left at the speed of the epoch just run (plan.replan), from rank 0's
     clock on every rank, so that all replicas keep the same schedule; before the epoch's checkpoint,
     which stores it."""
-    steps = metrics["step"] - (metrics["epoch"] - 1) * plan.steps_per_epoch
-    elapsed, step_s = agree([time.perf_counter() - t_start, metrics["epoch_seconds"] / steps], device)
+    step_s = metrics["epoch_seconds"] / plan.steps_in_epoch(epoch)
+    elapsed, step_s = agree([time.perf_counter() - t_start, step_s], device)
     new = replan(cfg, plan, trainer.step, elapsed, step_s)
     if new is None:
         return plan
     trainer.set_total_steps(new.total_steps, new.breakpoints())
     if rank == 0:
-        finish = time.strftime("%H:%M:%S", time.localtime(
-            time.time() + (new.total_steps - trainer.step) * step_s + new.reserve_s))
-        log(f"[plan] re-planned after epoch {metrics['epoch']}: {cfg.optim.batch_size / step_s:,.0f} img/s "
-            f"(warm-up {plan.images_per_s:,.0f}) -> {new.total_steps} steps = {new.total_steps / new.steps_per_epoch:.2f} "
-            f"epochs (was {plan.total_steps}); lr {trainer.lr():.4f} and tau {trainer.tau():.5f} carry on; "
-            f"expected to finish at {finish}")
+        log(describe_replan(plan, new, epoch + 1, trainer.step, step_s, cfg, trainer.lr(), trainer.tau()))
     return new
 
 

@@ -179,12 +179,27 @@ def describe(plan: StepPlan, cfg: Config) -> str:
         return (f"[plan] {plan.total_steps} steps = {cfg.optim.epochs} epochs of {plan.steps_per_epoch} "
                 f"(no time budget)")
     train_s = plan.total_steps * cfg.optim.batch_size / plan.images_per_s
-    finish = time.strftime("%H:%M:%S", time.localtime(time.time() + train_s + plan.reserve_s))
+    finish = _clock_in(train_s + plan.reserve_s)
     capped = " (capped by optim.epochs)" if plan.total_steps == cfg.optim.epochs * plan.steps_per_epoch else ""
     return (f"[plan] warm-up measured {plan.images_per_s:,.0f} img/s; budget {plan.budget_s / 60:g} min = "
             f"{plan.elapsed_s:.0f} s set-up + {train_s:.0f} s training + {plan.reserve_s:.0f} s evaluation -> "
             f"{plan.total_steps} steps = {plan.total_steps / plan.steps_per_epoch:.2f} epochs of "
             f"{plan.steps_per_epoch}{capped}; expected to finish at {finish}")
+
+
+def describe_replan(old: StepPlan, new: StepPlan, epoch: int, step: int, step_s: float, cfg: Config,
+                    lr: float, tau: float) -> str:
+    """A re-plan (`replan`) as one log line: the epoch's speed, the new step count and the finish time."""
+    finish = _clock_in((new.total_steps - step) * step_s + new.reserve_s)
+    return (f"[plan] re-planned after epoch {epoch}: {cfg.optim.batch_size / step_s:,.0f} img/s "
+            f"(warm-up {old.images_per_s:,.0f}) -> {new.total_steps} steps = "
+            f"{new.total_steps / new.steps_per_epoch:.2f} epochs (was {old.total_steps}); lr {lr:.4f} and tau "
+            f"{tau:.5f} carry on; expected to finish at {finish}")
+
+
+def _clock_in(seconds: float) -> str:
+    """The wall-clock time `seconds` from now, as HH:MM:SS."""
+    return time.strftime("%H:%M:%S", time.localtime(time.time() + seconds))
 
 
 def _sync(device: torch.device) -> None:
