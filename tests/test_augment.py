@@ -12,13 +12,17 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from byol_ray.data import augment
 from byol_ray.data.augment import (
     JITTER_OPS,
     LUMA,
     TwoViews,
     ViewTransform,
+    blur_band,
     blur_kernel_size,
     eval_transform,
+    gaussian_blur,
+    matrix_blur,
     noop_ops,
     reference_view_transform,
 )
@@ -207,6 +211,38 @@ def test_solarize_matches_the_formula():
     assert torch.equal(y[::2], x[::2])
 
 
+def test_solarize_at_the_threshold_and_its_neighbours():
+    """x >= t flips exactly at t, and the float-only form keeps 1 - x and x exact next to it."""
+    view = dataclasses.replace(QUIET, solarize_threshold=0.3)
+    t = torch.tensor(0.3)  # the threshold as the views hold it (float32)
+    below, above = torch.nextafter(t, torch.tensor(0.0)), torch.nextafter(t, torch.tensor(1.0))
+    values = torch.stack([torch.tensor(0.0), below, t, above, torch.tensor(0.5), torch.tensor(1.0)])
+    x = values.view(1, 1, 1, 6).expand(2, 1, 6, 6).contiguous()
+    p = plain_params(2, 6, 6)
+    p["solarize"][0] = True
+    y = vt(view, ops=["solarize"], out=6, channels=1).apply(x, p)
+    assert torch.equal(y[0], torch.where(x[0] >= t, 1 - x[0], x[0]))
+    assert torch.equal(y[0, 0, 0, :4], torch.stack([torch.tensor(0.0), below, 1 - t, 1 - above]))
+    assert torch.equal(y[1], x[1])
+
+
+def test_matrix_blur_equals_the_reflect_padded_convolution():
+    """The two blurs (matrices for small views, grouped convolutions above MATRIX_BLUR_MAX_SIDE) agree on
+    1 and 3 channels, kernels of several sizes, and pass an impulse kernel's image through exactly."""
+    g = gen(5)
+    for channels, side, size in ((1, 20, 3), (3, 12, 5), (3, 9, 7)):
+        x = torch.rand(6, channels, side, side, generator=g)
+        kern = torch.rand(6, size, generator=g)
+        kern = (kern + kern.flip(1)) / (kern + kern.flip(1)).sum(1, keepdim=True)  # symmetric, sums to 1
+        kern[0] = 0.0
+        kern[0, size // 2] = 1.0
+        y = matrix_blur(x, kern, blur_band(side, size))
+        torch.testing.assert_close(y, gaussian_blur(x, kern), atol=1e-6, rtol=0)
+        assert torch.equal(y[0], x[0])
+    with pytest.raises(ValueError, match="too large"):
+        blur_band(3, 7)
+
+
 def test_blur_of_an_impulse_is_the_normalised_gaussian_kernel():
     size, sigma = 21, 1.3
     view = dataclasses.replace(QUIET, blur_kernel_frac=0.35)  # int(0.35 * 21) = 7 -> kernel 7
@@ -287,6 +323,44 @@ def test_jitter_follows_each_images_own_order():
 
 
 # ---- crop boxes ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("in_size,out", [((28, 28), 20), ((20, 24), 16)])
+def test_crop_tables_hold_exactly_the_computed_matrices(monkeypatch, in_size, out):
+    """Small inputs read the crop's matrices from tables of every box; they are the matrices the general
+    path computes for the same boxes and flips, bit for bit, and the views agree."""
+    H, W = in_size
+    n = 64
+    tabled = TwoViews(AugmentConfig(), out, [0.5], [0.25], ops=["crop", "flip"])
+    p = tabled.batched.sample_params(n, 1, in_size, gen(8), "cpu")
+    assert 0 < int(p["flip"].sum()) < 2 * n
+    x = torch.rand(n, 1, H, W, generator=gen(9))
+    with_tables = tabled.batched.apply(x, p, shared=True)
+    c = tabled.batched._constants(n, 1, in_size, "cpu")
+    assert c.tables is not None
+    ry, rx = tabled.batched._table_matrices(p["crop_box"], p["flip"], c, 2)
+
+    monkeypatch.setattr(augment, "RESAMPLE_TABLE_FLOATS", 0)
+    computed = TwoViews(AugmentConfig(), out, [0.5], [0.25], ops=["crop", "flip"])
+    without = computed.batched.apply(x, p, shared=True)
+    c2 = computed.batched._constants(n, 1, in_size, "cpu")
+    assert c2.tables is None
+    mats = computed.batched._resample_matrices(p["crop_box"], p["flip"], c2, c2.resample.zero_(), 2, in_size)
+    assert torch.equal(ry, mats[0, ..., :H].transpose(0, 1))
+    assert torch.equal(rx, mats[1, ..., :W].reshape(n, 2 * out, W))
+    torch.testing.assert_close(with_tables, without, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("ops,channels", [(ALL, 3), (ALL, 1), (["flip", "jitter", "blur"], 3)])
+def test_views_read_a_shared_batch_as_if_copied_per_view(ops, channels):
+    """apply(shared=True) on B images equals apply on the batch repeated once per view, with and
+    without the crop (whose matmuls read the shared batch in place)."""
+    two = TwoViews(AugmentConfig(), 12, [0.5] * channels, [0.25] * channels, ops=ops)
+    x = torch.rand(10, channels, 16, 16, generator=gen(6))
+    p = two.batched.sample_params(10, channels, (16, 16), gen(7), "cpu")
+    shared = two.batched.apply(x, p, shared=True)
+    torch.testing.assert_close(shared, two.batched.apply(x.repeat(2, 1, 1, 1), p), atol=1e-6, rtol=0)
+    assert shared.shape == (20, channels, 12, 12)
+
+
 def test_crop_boxes_bounds_distribution_and_independence():
     n, H, W = 20000, 32, 32
     p = vt(T).sample_params(n, 3, (H, W), gen(3), "cpu")

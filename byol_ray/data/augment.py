@@ -15,15 +15,24 @@ The work is split in two halves, so that its cost on a GPU is a fixed, small num
    kernel, an identity colour matrix) or is selected back with `torch.where`.
 
 Both views of `TwoViews` are one batch of 2B images through the same ops (each row with its own view's
-probabilities and strengths), so a step's augmentation is 123 dispatched ops on 1-channel images and 191
-on 3-channel ones (the paper's T and T'), however large the batch (tests/test_augment.py bounds them).
+probabilities and strengths), reading the B source images without copying them per view, so a step's
+augmentation is 133 dispatched ops on 1-channel 28 px images and 203 on 3-channel 32 px ones (the paper's
+T and T'; views count), however large the batch (tests/test_augment.py bounds them).
+
+On a 2-core CPU a call at Fashion-MNIST sizes costs about a millisecond, mostly per-op overhead and
+small matmuls, so the CPU paths avoid what measured slow there: a comparison or `where` over every pixel,
+an addcmul whose first argument is broadcast, ops on tensors whose last dimension is tiny, grouped
+convolutions on small images (MATRIX_BLUR_MAX_SIDE), and rebuilding the crop matrices of small inputs
+(RESAMPLE_TABLE_FLOATS).
 
 The ops (``AugmentConfig.ops``, a subset of ``AUG_OPS``) and what they do, on images in [0, 1]:
 
 - ``crop``: torchvision's RandomResizedCrop box (area fraction U(scale), log-aspect U(log ratio), 10 tries
   then a centre crop), resampled with ``grid_sample``'s bicubic kernel (computed as two matmuls) and
-  clamped to [0, 1]. Boxes are whole pixels like torchvision's. Without ``crop`` the image is only resized to ``out_size``. The resample does not
-  antialias, which only matters when a box is much larger than ``out_size`` (large ImageNet-style inputs).
+  clamped to [0, 1]. Boxes are whole pixels like torchvision's (inputs up to ~32 px read their matrices
+  from a table of every box, so `apply` reads a box's values as whole pixels). Without ``crop`` the image
+  is only resized to ``out_size``. The resample does not antialias, which only matters when a box is much
+  larger than ``out_size`` (large ImageNet-style inputs).
 - ``flip``: horizontal flip, folded into the crop's affine matrix (one resample for both).
 - ``jitter``: brightness, contrast, saturation and hue in a random order drawn per image, clamped to
   [0, 1] after each. Brightness is ADDITIVE (x + delta, delta ~ U(-b, b)) as in the authors' code, not
@@ -33,6 +42,8 @@ The ops (``AugmentConfig.ops``, a subset of ``AUG_OPS``) and what they do, on im
 - ``grayscale``: luma 0.2989 R + 0.5870 G + 0.1140 B, copied to the 3 channels.
 - ``blur``: Gaussian, sigma ~ U(blur_sigma), separable, reflect padding; the kernel side is
   ``blur_kernel_frac`` of the output side made odd as in the authors' code (224 -> 23, 96 -> 9), at least 3.
+  Views up to MATRIX_BLUR_MAX_SIDE are blurred as K x K^T with per-image blur matrices, larger ones by
+  grouped convolutions.
 - ``solarize``: x -> 1 - x where x >= threshold.
 
 How the per-image jitter order runs without a branch per permutation: brightness, contrast and
@@ -71,6 +82,8 @@ FACTORS = ("brightness", "contrast", "saturation", "hue", "blur_sigma")  # per-i
 # Columns of one image's uniform draws for one view: crop areas and aspects (one per try), crop top/left,
 # the on/off flags, the strengths, and the jitter order (argsort of 4 uniforms: a uniform permutation).
 _AREA = slice(0, CROP_TRIES)
+_RATIO = slice(CROP_TRIES, 2 * CROP_TRIES)
+_TOP_LEFT = slice(2 * CROP_TRIES, 2 * CROP_TRIES + 2)
 _CROP = slice(0, 2 * CROP_TRIES + 2)
 _FLAGS = slice(_CROP.stop, _CROP.stop + len(FLAG_OPS))
 _FACTORS = slice(_FLAGS.stop, _FLAGS.stop + len(FACTORS))
@@ -124,37 +137,39 @@ def _channel_stat(values: Sequence[float] | torch.Tensor, x: torch.Tensor) -> to
 class CropSpace:
     """Per-row constants of torchvision's RandomResizedCrop for inputs of one size (rows = images)."""
 
-    rows: torch.Tensor  # [3] draws feeding (area fraction, -log aspect, log aspect)
-    lo: torch.Tensor  # [N, 3, 1]
-    span: torch.Tensor  # [N, 3, 1]
-    area: float
-    hw_max: torch.Tensor  # [2, 1]: H, W
+    area_lo: torch.Tensor  # [N, 1] area fraction: lo + u * span
+    area_span: torch.Tensor
+    ratio_lo: torch.Tensor  # [N, 1] log aspect (w / h): lo + u * span
+    ratio_span: torch.Tensor
+    pixels: float  # H * W
     hw_hi: torch.Tensor  # [2]: H + 1, W + 1
     hw_lim: torch.Tensor  # [2]: H, W
-    fallback: torch.Tensor  # [N, 5]: h, w, area fraction, -log aspect, log aspect of the centre crop
+    fallback: torch.Tensor  # [N, 4]: h, w, area fraction, log aspect of the centre crop
     fallback_tl: torch.Tensor  # [N, 2]: its top, left
+    in_size: tuple[int, int]
 
     @classmethod
     def build(cls, scales: Sequence[tuple[float, float]], ratios: Sequence[tuple[float, float]], repeat: int,
               in_size: tuple[int, int], device: torch.device | str) -> "CropSpace":
         """`scales`/`ratios` per view; each view's constants repeated for its `repeat` rows."""
         H, W = in_size
-        lo, span, fb, fb_tl = [], [], [], []
-        for (s0, s1), ratio in zip(scales, ratios):
-            l0, l1 = math.log(ratio[0]), math.log(ratio[1])
-            lo.append([s0, -l0, l0])
-            span.append([s1 - s0, -(l1 - l0), l1 - l0])
-            fw, fh = _fallback_size(H, W, ratio)
-            fb.append([fh, fw, fh * fw / (H * W), -math.log(fw / fh), math.log(fw / fh)])
+        area, ratio, fb, fb_tl = [], [], [], []
+        for (s0, s1), (r0, r1) in zip(scales, ratios):
+            l0, l1 = math.log(r0), math.log(r1)
+            area.append([s0, s1 - s0])
+            ratio.append([l0, l1 - l0])
+            fw, fh = _fallback_size(H, W, (r0, r1))
+            fb.append([fh, fw, fh * fw / (H * W), math.log(fw / fh)])
             fb_tl.append([(H - fh) // 2, (W - fw) // 2])
 
         def rows(v: list) -> torch.Tensor:
             return torch.tensor(v, dtype=torch.float32, device=device).repeat_interleave(repeat, 0)
 
         f32 = dict(dtype=torch.float32, device=device)
-        return cls(rows=torch.tensor([0, 1, 1], device=device), lo=rows(lo).unsqueeze(2), span=rows(span).unsqueeze(2),
-                   area=float(H * W), hw_max=torch.tensor([[H], [W]], **f32), hw_hi=torch.tensor([H + 1, W + 1], **f32),
-                   hw_lim=torch.tensor([H, W], **f32), fallback=rows(fb), fallback_tl=rows(fb_tl))
+        area_t, ratio_t = rows(area), rows(ratio)
+        return cls(area_lo=area_t[:, :1], area_span=area_t[:, 1:], ratio_lo=ratio_t[:, :1], ratio_span=ratio_t[:, 1:],
+                   pixels=float(H * W), hw_hi=torch.tensor([H + 1, W + 1], **f32),
+                   hw_lim=torch.tensor([H, W], **f32), fallback=rows(fb), fallback_tl=rows(fb_tl), in_size=(H, W))
 
 
 def crop_boxes(u: torch.Tensor, c: CropSpace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,20 +178,25 @@ def crop_boxes(u: torch.Tensor, c: CropSpace) -> tuple[torch.Tensor, torch.Tenso
     All `CROP_TRIES` candidates are evaluated; each row keeps its first valid one, and rows with none fall
     back to the centre crop torchvision uses. Returns (box [N, 4] as top, left, height, width in input
     pixels, the kept candidate's drawn area fraction, its log-aspect; the box's own for fallbacks).
+    Every op is on 2-D [N, tries] tensors: on a CPU, the same ops on [N, 2, tries] views cost 2-3x more.
     """
     N = u.shape[0]
-    tries = u[:, : 2 * CROP_TRIES].view(N, 2, CROP_TRIES).index_select(1, c.rows)
-    r = torch.addcmul(c.lo, tries, c.span)  # [N, 3, tries]: area fraction, -log aspect, log aspect
-    hw = (r[:, 1:].exp() * r[:, :1]).mul_(c.area).sqrt_().round_()  # h = sqrt(A / aspect), w = sqrt(A aspect)
-    valid = ((hw > 0) & (hw <= c.hw_max)).all(1)
+    H, W = c.in_size
+    frac = torch.addcmul(c.area_lo, u[:, _AREA], c.area_span)  # [N, tries]
+    log_r = torch.addcmul(c.ratio_lo, u[:, _RATIO], c.ratio_span)
+    pixels = frac * c.pixels
+    aspect = log_r.exp()
+    w = (pixels * aspect).sqrt_().round_()  # w = sqrt(A r), h = sqrt(A / r)
+    h = (pixels / aspect).sqrt_().round_()
+    valid = (torch.minimum(h, w) > 0) & (h <= H) & (w <= W)
     found, first = valid.max(1, keepdim=True)  # whether any try is valid, and the first valid one
-    kept = torch.cat([hw, r], 1).gather(2, first.unsqueeze(1).expand(N, 5, 1)).squeeze(2)
+    kept = torch.stack([h, w, frac, log_r], 1).gather(2, first.unsqueeze(1).expand(N, 4, 1)).squeeze(2)
     kept = torch.where(found, kept, c.fallback)
     hw = kept[:, :2]
     # Uniform integer offsets in [0, H - h]; the minimum guards against u * n rounding up to n in float32.
-    tl = torch.minimum(torch.floor(u[:, 2 * CROP_TRIES : 2 * CROP_TRIES + 2] * (c.hw_hi - hw)), c.hw_lim - hw)
+    tl = torch.minimum(torch.floor(u[:, _TOP_LEFT] * (c.hw_hi - hw)), c.hw_lim - hw)
     tl = torch.where(found, tl, c.fallback_tl)
-    return torch.cat([tl, hw], 1), kept[:, 2], kept[:, 4]
+    return torch.cat([tl, hw], 1), kept[:, 2], kept[:, 3]
 
 
 def sample_crop_boxes(
@@ -252,6 +272,45 @@ def gaussian_blur(x: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
     return y.view(N, C, H, W)
 
 
+def blur_band(side: int, size: int) -> torch.Tensor:
+    """[size, side * side] 0/1: where tap k of a `size`-tap kernel lands in the [side, side] matrix that
+    blurs one axis with reflect padding (row i reads pixel reflect(i + k - size // 2))."""
+    r = size // 2
+    if r >= side:
+        raise ValueError(f"blur kernel {size} is too large for {side}x{side} images (reflect padding)")
+    band = torch.zeros(size, side, side)
+    for k in range(size):
+        for i in range(side):
+            j = i + k - r
+            j = -j if j < 0 else (2 * (side - 1) - j if j >= side else j)
+            band[k, i, j] += 1.0
+    return band.view(size, side * side)
+
+
+def matrix_blur(x: torch.Tensor, kern: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+    """`gaussian_blur` of square images as y = K x K^T, K = the per-image [side, side] blur matrix.
+
+    Three matmuls instead of a reflect pad and two grouped convolutions with one group per image
+    channel, which a CPU runs slowly at small sizes (MATRIX_BLUR_MAX_SIDE). An impulse kernel gives K = I,
+    so an image that is not blurred passes through exactly.
+    """
+    N, C, S, _ = x.shape
+    k = torch.mm(kern, band).view(N, S, S)
+    y = torch.bmm(x.reshape(N, C * S, S), k.transpose(1, 2))  # along x, every channel at once
+    return torch.bmm(_per_channel(k, C), y.view(N * C, S, S)).view(N, C, S, S)  # along y
+
+
+# Above this output side the blur runs as convolutions. A matrix blur costs ~side / kernel times the
+# multiply-adds (about 7x at the paper's kernel of a tenth of the side), which small views hide behind the
+# grouped convolution's per-image cost and larger ones do not. Measured on the 2-core reference CPU, one
+# TwoViews call with and without blur, 1-channel batch 128: 20 px views 180 us (matrix) against 320 us
+# (convolution); 28 px 390 us each; 32 px 500 against 440; 48 px 1000 against 660.
+MATRIX_BLUR_MAX_SIDE = 24
+# The crop reads its matrices from tables of every box while they take at most this many floats (16 MiB):
+# 1.4M at 28 px -> 20 px views, 3.2M at 32 px -> 32 px; 96 px inputs would need 340M.
+RESAMPLE_TABLE_FLOATS = 4 * 1024 * 1024
+
+
 # ---- the view distributions ---------------------------------------------------------------------
 @dataclass
 class _Consts:
@@ -267,13 +326,18 @@ class _Consts:
     src_b: torch.Tensor  # [4]
     j: torch.Tensor  # [2, out] output pixel index along y and x
     j_flipped: torch.Tensor  # [2, out] the same with x reversed
-    tap_off: torch.Tensor  # [4] with tap_sign: distances t + 1, t, 1 - t, 2 - t to the 4 taps
+    # The 4 taps are the LEADING dimension of the tap tensors ([4, N, 2, out]): with the tap last, every
+    # elementwise op ran an inner loop of 4 (measured 3-4x slower on a CPU).
+    tap_off: torch.Tensor  # [4, 1, 1, 1] with tap_sign: distances t + 1, t, 1 - t, 2 - t to the 4 taps
     tap_sign: torch.Tensor
-    tap_idx: torch.Tensor  # [4] tap offsets -1, 0, 1, 2 from floor(source)
-    tap_min: torch.Tensor  # [2, 1, 1] zeros
-    tap_max: torch.Tensor  # [2, 1, 1] last pixel index along y and x
-    cubic: tuple[torch.Tensor, ...]  # 4 x [4]: per tap, the coefficient of d^0, d^1, d^2, d^3 of the kernel
-    resample: torch.Tensor  # [N, 2, out, max(H, W)] scratch for the per-image resampling matrices
+    tap_idx: torch.Tensor  # [4, 1, 1, 1] tap offsets -1, 0, 1, 2 from floor(source)
+    tap_min: torch.Tensor  # [2, 1] zeros
+    tap_max: torch.Tensor  # [2, 1] last pixel index along y and x
+    cubic: tuple[torch.Tensor, ...]  # 4 x [4, 1, 1, 1]: per tap, the coefficient of d^0, d^1, d^2, d^3
+    resample: torch.Tensor  # [2, N, out, max(H, W)] scratch for the per-image resampling matrices
+    tables: tuple[torch.Tensor, torch.Tensor] | None  # small inputs: every box's matrices (_resample_tables)
+    flip_shift: torch.Tensor  # [2] (0, W + 1): a flipped box's x table block
+    table_stride: torch.Tensor  # [2] (H, W)
     jitter_identity: torch.Tensor  # [4] factors that do nothing (delta 0, factor 1)
     stage_a0: torch.Tensor  # [4, 4] jitter op -> stage coefficients (a, c1, c2, d) = a0 + factor * a1
     stage_a1: torch.Tensor
@@ -284,6 +348,7 @@ class _Consts:
     eye: torch.Tensor  # [C, C]
     sectors: torch.Tensor  # [1, 3, 1]
     blur_logit: torch.Tensor  # [N, K] -p^2 / 2 per tap offset p; -inf outside a row's own (smaller) kernel
+    blur_band: torch.Tensor | None  # [K, out * out]: tap k's 0/1 place in the reflect-padded blur matrix
     solarize_at: torch.Tensor  # [N] each row's view's threshold
     scale: torch.Tensor  # [1, C, 1, 1] 1 / std
     shift: torch.Tensor  # [1, C, 1, 1] -mean / std
@@ -312,10 +377,11 @@ class BatchedViews:
         self.blur_sizes = [blur_kernel_size(self.out_size, v.blur_kernel_frac) for v in self.views]
         self.blur_size = max(self.blur_sizes)
         self._consts: dict[tuple, _Consts] = {}
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     def __getstate__(self) -> dict:
         # Cached device tensors stay behind when the transform is shipped to another process (Ray).
-        return {**self.__dict__, "_consts": {}}
+        return {**self.__dict__, "_consts": {}, "_tables": {}}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ops={self.ops}, out_size={self.out_size}, views={self.views})"
@@ -333,13 +399,14 @@ class BatchedViews:
             if images.shape[1] != V:
                 raise ValueError(f"expected pre-cropped views [B, {V}, C, S, S], got {tuple(images.shape)}")
             x = to_float(images).transpose(0, 1).reshape(-1, *images.shape[2:])
+            shared = False
         else:
             x = to_float(images)
-            if V > 1:
-                x = x.expand(V, *x.shape).reshape(-1, *x.shape[1:])
+            shared = True
         _check_channels(x)
-        params = self.sample_params(x.shape[0] // V, x.shape[1], tuple(x.shape[-2:]), generator, x.device)
-        return self.apply(x, params)
+        batch = x.shape[0] if shared else x.shape[0] // V
+        params = self.sample_params(batch, x.shape[1], tuple(x.shape[-2:]), generator, x.device)
+        return self.apply(x, params, shared=shared)
 
     # -- the first half: every random draw ---------------------------------------------------------
     def sample_params(
@@ -373,15 +440,20 @@ class BatchedViews:
         return p
 
     # -- the second half: a pure function of the parameters ----------------------------------------
-    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor], shared: bool = False) -> torch.Tensor:
         """The views for given parameters (no randomness): float32 [N, C, out, out], normalised. `images`
-        holds one source image per row (N = V * batch)."""
+        holds one source image per row (N = V * batch), or with `shared` one per image of the batch, which
+        every view reads (N = V * images; no copy of the batch per view)."""
         x = to_float(_check_channels(images))
-        N, C, H, W = x.shape
-        c = self._constants(N // len(self.views), C, (H, W), x.device)
+        V = len(self.views)
+        B, C, H, W = x.shape
+        N = V * B if shared else B
+        c = self._constants(N // V, C, (H, W), x.device)
         if "crop" in self.ops:
-            x = self._crop_flip(x, params["crop_box"], params["flip"], c)
+            x = self._crop_flip(x, params["crop_box"], params["flip"], c, V if shared else 1)
         else:
+            if shared and V > 1:
+                x = x.expand(V, *x.shape).reshape(N, C, H, W)
             x = resize_flip(x, params["flip"], self.out_size)
         for op in self.ops:
             if op == "jitter":
@@ -394,41 +466,92 @@ class BatchedViews:
                 # exp(-p^2 / (2 sigma^2)) normalised; its largest tap is the centre's exp(0), so softmax
                 # (which subtracts the maximum) computes exactly that.
                 kern = torch.softmax(c.blur_logit / sigma.square().unsqueeze(1), dim=1)
-                x = gaussian_blur(x, kern)
+                x = gaussian_blur(x, kern) if c.blur_band is None else matrix_blur(x, kern, c.blur_band)
             elif op == "solarize":
                 at = torch.where(params["solarize"], c.solarize_at, 2.0).view(N, 1, 1, 1)  # 2: never
-                x = torch.where(x >= at, 1.0 - x, x)
-        return torch.addcmul(c.shift, x, c.scale)  # (x - mean) / std in one pass
+                # where(x >= t, 1 - x, x) in float ops only (a comparison and a where over the pixels
+                # took 3x as long on a CPU): s = clamp(floor(x - t), -1, 0) + 1 is exactly 1 where
+                # x >= t (a rounded x - t keeps its sign), and |s - x| is then exactly 1 - x or x.
+                x = (x - at).floor_().clamp_(-1.0, 0.0).add_(1.0).sub_(x).abs_()
+        # (x - mean) / std, in place: every branch above made x anew. Not addcmul(shift, x, scale), whose
+        # broadcast first argument runs unvectorised on a CPU (4x slower than these two).
+        return x.mul_(c.scale).add_(c.shift)
 
-    def _crop_flip(self, x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, c: _Consts) -> torch.Tensor:
-        """Resample each image's box to out_size x out_size, mirrored where `flip`: exactly grid_sample's
-        bicubic (a = -0.75, border padding, align_corners=False), computed as two batched matmuls.
+    def _crop_flip(self, x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, c: _Consts,
+                   views: int = 1) -> torch.Tensor:
+        """Resample each row's box to out_size x out_size, mirrored where `flip`: exactly grid_sample's
+        bicubic (a = -0.75, border padding, align_corners=False), computed as batched matmuls.
 
         Output pixel j of a box [left, left + w) samples the source at left + (j + 0.5) w / out - 0.5 (j
         counted from the box's right edge when flipped). That grid is axis-aligned, so the 2-D bicubic
-        is a product of 1-D ones: y = R_y x R_x^T with per-image [out, H] and [out, W] matrices of 4
+        is a product of 1-D ones: y = R_y x R_x^T with per-row [out, H] and [out, W] matrices of 4
         cubic weights per row (taps past the border weigh on the edge pixel). On a CPU this is many
-        times faster than affine_grid + grid_sample at small sizes; on a GPU it is two GEMMs.
+        times faster than affine_grid + grid_sample at small sizes; on a GPU it is a few GEMMs.
+
+        With `views` > 1, `x` holds B source images and row v * B + b of `box` is view v of image b: the
+        x pass multiplies each source image once by all its views' R_x stacked, and the y pass runs
+        once per view, so the batch is never copied per view (that copy was 10% of a call on a CPU).
         """
-        N, C, H, W = x.shape
+        B, C, H, W = x.shape
+        N = box.shape[0]
+        out = self.out_size
+        n_img = N // views
+        if c.tables is not None:
+            ry, rx = self._table_matrices(box, flip, c, views)
+        else:
+            mats = self._resample_matrices(box, flip, c, c.resample.zero_(), views, (H, W))
+            ry, rx = mats[0, ..., :H].transpose(0, 1), mats[1, ..., :W].reshape(n_img, views * out, W)
+        # ry: [views, img, out, H]; rx: [img, views * out, W], each image's views' R_x stacked.
+        y = torch.bmm(x.reshape(n_img, C * H, W), rx.transpose(1, 2))  # along x: [img, C H, views out]
+        y = y.view(n_img * C, H, views, out)
+        z = x.new_empty(views, n_img * C, out, out)
+        for v in range(views):  # along y
+            torch.bmm(_per_channel(ry[v], C), y[:, :, v], out=z[v])
+        return z.view(N, C, out, out).clamp_(0.0, 1.0)
+
+    @staticmethod
+    def _resample_matrices(box: torch.Tensor, flip: torch.Tensor, c: _Consts, buffer: torch.Tensor, views: int,
+                           in_size: tuple[int, int]) -> torch.Tensor:
+        """The [2 (y, x), img, views, out, P] bicubic matrices of the boxes, scattered into `buffer` (zeros,
+        [2, N, out, P], P >= H, W). Rows of `box` are view-major; the buffer is laid out so that each
+        image's views' matrices are one [views * out, P] block."""
+        N = box.shape[0]
+        H, W = in_size
+        out = buffer.shape[2]
         # Per axis (y, x): the source coordinate of output pixel 0, top + h / (2 out) - 1/2, and the step
         # between output pixels, h / out; one small matmul for all boxes.
-        start, step = torch.addmm(c.src_b, box.to(x.dtype), c.src_a).view(N, 2, 2, 1).unbind(1)
+        start, step = torch.addmm(c.src_b, box.to(buffer.dtype), c.src_a).view(N, 2, 2, 1).unbind(1)
         j = torch.where(flip.view(N, 1, 1), c.j_flipped, c.j)  # [N, 2, out] output index per axis
         src = torch.addcmul(start, step, j)  # source coordinates
         base = torch.floor(src)
-        d = torch.addcmul(c.tap_off, (src - base).unsqueeze(3), c.tap_sign)  # distance to each of 4 taps
+        d = torch.addcmul(c.tap_off, src - base, c.tap_sign)  # [4, N, 2, out] distance to each tap
         c0, c1, c2, c3 = c.cubic
         weight = torch.addcmul(c0, torch.addcmul(c1, torch.addcmul(c2, c3, d), d), d)
-        taps = torch.clamp(base.unsqueeze(3) + c.tap_idx, min=c.tap_min, max=c.tap_max).long()
-        # A buffer kept between calls: a fresh 1-2 MB tensor each call costs the CPU page faults when its
-        # memory is first touched, more than the zeroing itself.
-        mats = c.resample.zero_().scatter_add_(3, taps, weight)
-        ry, rx = mats[:, 0, :, :H], mats[:, 1, :, :W]
-        out = self.out_size
-        y = torch.bmm(x.reshape(N, C * H, W), rx.transpose(1, 2)).view(N * C, H, out)  # along x
-        y = torch.bmm(_per_channel(ry, C), y).view(N, C, out, out)  # along y
-        return y.clamp_(0.0, 1.0)
+        taps = base + c.tap_idx
+        # Scalar bounds where they are the same on both axes: a clamp to tensor bounds is 5x slower.
+        taps = (taps.clamp_(0, H - 1) if H == W else torch.clamp(taps, min=c.tap_min, max=c.tap_max)).long()
+        n_img = N // views
+        mats = buffer.view(2, n_img, views, out, -1)
+        rows = (views, n_img, 2, out)
+        mats.permute(2, 1, 0, 3, 4).scatter_add_(
+            4, taps.view(4, *rows).permute(1, 2, 3, 4, 0), weight.view(4, *rows).permute(1, 2, 3, 4, 0))
+        return mats
+
+    @staticmethod
+    def _table_matrices(box: torch.Tensor, flip: torch.Tensor, c: _Consts,
+                        views: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_resample_matrices` read from tables of every whole-pixel box (`_resample_tables`): two
+        index_selects instead of a dozen ops and a scatter (~40% of the crop on a CPU at 28 px).
+        Returns (ry [views, img, out, H], rx [img, views * out, W])."""
+        N = box.shape[0]
+        ry_table, rx_table = c.tables
+        size = box[:, 2:]
+        # Table rows: top + H h along y, left + W (w + (W + 1) flip) along x (exact in float32).
+        idx = torch.addcmul(box[:, :2], torch.where(flip.view(N, 1), size + c.flip_shift, size), c.table_stride)
+        iy, ix = idx.long().unbind(1)
+        ry = ry_table.index_select(0, iy).view(views, N // views, *ry_table.shape[1:])
+        rx = rx_table.index_select(0, ix.view(views, -1).t().reshape(-1))  # image-major: [img * views, ...]
+        return ry, rx.view(N // views, views * rx_table.shape[1], rx_table.shape[2])
 
     def _jitter(self, x: torch.Tensor, p: dict[str, torch.Tensor], c: _Consts) -> torch.Tensor:
         """The jitter ops in each image's own order (`jitter_order[i, k]` = op index at position k)."""
@@ -468,7 +591,8 @@ class BatchedViews:
             mean = xf.mean(2, keepdim=True)
             if C == 1:
                 a, _, k, d = ms[s].unbind(0)
-                xf = torch.addcmul(torch.addcmul(d, k, mean), a, xf).clamp_(0.0, 1.0)
+                # In place (x is this call's own by now); not one addcmul: see apply's last line.
+                xf = xf.mul_(a).add_(torch.addcmul(d, k, mean)).clamp_(0.0, 1.0)
             else:  # M x + (K mean(x) + d)
                 xf = torch.baddbmm(torch.baddbmm(ds[s], ks[s], mean), ms[s], xf).clamp_(0.0, 1.0)
         if hue and S == 0:  # hue is the only active jitter op
@@ -493,8 +617,31 @@ class BatchedViews:
     def _constants(self, batch: int, channels: int, in_size: tuple[int, int], device: torch.device | str) -> _Consts:
         key = (batch, channels, tuple(in_size), str(device))
         if key not in self._consts:
-            self._consts[key] = self._build_constants(batch, channels, in_size, torch.device(device))
+            c = self._build_constants(batch, channels, in_size, torch.device(device))
+            if "crop" in self.ops:
+                # Batch-independent, so shared by every batch size of an input size.
+                tables = (tuple(in_size), str(device))
+                if tables not in self._tables:
+                    self._tables[tables] = self._resample_tables(c, tuple(in_size))
+                c.tables = self._tables[tables]
+            self._consts[key] = c
         return self._consts[key]
+
+    def _resample_tables(self, c: _Consts, in_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The crop's matrices for every whole-pixel box of an input size: R_y of (top, h) at row top + H h,
+        [(H + 1) H, out, H], and R_x of (left, w, flip) at row left + W (w + (W + 1) flip), [2 (W + 1) W,
+        out, W], made by `_resample_matrices` itself, so reading them is exact. None when they would
+        exceed RESAMPLE_TABLE_FLOATS (inputs above ~32 px)."""
+        H, W = in_size
+        out = self.out_size
+        n_y, n_x = (H + 1) * H, 2 * (W + 1) * W
+        if (n_y * H + n_x * W) * out > RESAMPLE_TABLE_FLOATS:
+            return None
+        n = max(n_y, n_x)
+        i = torch.arange(n, device=c.j.device, dtype=torch.float32)
+        box = torch.stack([i % H, i % W, (i // H) % (H + 1), (i // W) % (W + 1)], 1)
+        mats = self._resample_matrices(box, i >= (W + 1) * W, c, c.j.new_zeros(2, n, out, max(H, W)), 1, in_size)
+        return mats[0, :n_y, 0, :, :H].contiguous(), mats[1, :n_x, 0, :, :W].contiguous()
 
     def _build_constants(self, batch: int, channels: int, in_size: tuple[int, int], device: torch.device) -> _Consts:
         H, W = in_size
@@ -509,6 +656,9 @@ class BatchedViews:
 
         def rows(per_view: list) -> torch.Tensor:
             return t(per_view).repeat_interleave(batch, 0)
+
+        def taps(per_tap: list) -> torch.Tensor:
+            return t(per_tap).view(4, 1, 1, 1)
 
         mute = set(noop_ops(C))
         probs, lo, span = [], [], []
@@ -543,16 +693,18 @@ class BatchedViews:
             full_box=t([[0.0, 0.0, H, W]]),
             src_a=t([[1, 0, 0, 0], [0, 1, 0, 0], [0.5 / out, 0, 1 / out, 0], [0, 0.5 / out, 0, 1 / out]]),
             src_b=t([-0.5, -0.5, 0.0, 0.0]), j=j, j_flipped=torch.stack([j[0], j[1].flip(0)]),
-            tap_off=t([1.0, 0.0, 1.0, 2.0]), tap_sign=t([1.0, 1.0, -1.0, -1.0]), tap_idx=t([-1.0, 0.0, 1.0, 2.0]),
-            tap_min=torch.zeros(2, 1, 1, **f32), tap_max=t([H - 1, W - 1]).view(2, 1, 1),
+            tap_off=taps([1.0, 0.0, 1.0, 2.0]), tap_sign=taps([1.0, 1.0, -1.0, -1.0]),
+            tap_idx=taps([-1.0, 0.0, 1.0, 2.0]), tap_min=torch.zeros(2, 1, **f32), tap_max=t([[H - 1], [W - 1]]),
             # Keys' cubic with a = -0.75 (torch's bicubic): |d| <= 1 for the inner taps, 1 < |d| < 2 outer.
-            cubic=t([[-4 * A, 1, 1, -4 * A], [8 * A, 0, 0, 8 * A], [-5 * A, -(A + 3), -(A + 3), -5 * A],
-                     [A, A + 2, A + 2, A]]).unbind(0),
-            resample=torch.zeros(batch * len(self.views), 2, out, max(H, W), **f32),
+            cubic=tuple(taps(row) for row in [[-4 * A, 1, 1, -4 * A], [8 * A, 0, 0, 8 * A],
+                                               [-5 * A, -(A + 3), -(A + 3), -5 * A], [A, A + 2, A + 2, A]]),
+            resample=torch.zeros(2, batch * len(self.views), out, max(H, W), **f32), tables=None,
+            flip_shift=t([0.0, W + 1]), table_stride=t([H, W]),
             jitter_identity=t([0, 1, 1, 0]), stage_a0=a0, stage_a1=a1, stage_identity=t([1, 0, 0, 0]),
             jitter_active=torch.tensor(self._active_jitter(C), dtype=torch.long, device=device),
             stage_basis=basis, gray=gray, eye=eye, sectors=t(_HSV_SECTORS).view(1, 3, 1),
             blur_logit=blur_logit,
+            blur_band=blur_band(out, self.blur_size).to(device) if out <= MATRIX_BLUR_MAX_SIDE else None,
             solarize_at=rows([v.solarize_threshold for v in self.views]),
             scale=1.0 / std, shift=-mean / std,
         )
