@@ -93,7 +93,8 @@ class Pretrainer:
         self.device = device
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = steps_per_epoch
-        self.set_total_steps(steps_per_epoch * cfg.optim.epochs)
+        n = steps_per_epoch * cfg.optim.epochs  # optim.epochs full epochs unless a time budget plans fewer
+        self.set_schedule(((0, 0.0), (n, float(n))))
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
         self.peak_lr = peak_lr(cfg.optim)
         self.step = 0
@@ -148,12 +149,12 @@ class Pretrainer:
             self.capture_steps()
 
     # ---- schedules ------------------------------------------------------------------------------
-    def set_total_steps(self, total_steps: int, breakpoints: Sequence[tuple[int, float]] = ()) -> None:
-        """The run's length: `optim.epochs` full epochs unless a time budget planned fewer steps.
-        `breakpoints` (core.schedules.schedule_position) map the steps of a re-planned run onto its schedules;
-        by default step k is position k and the schedules end at `total_steps`."""
-        self.total_steps = total_steps
-        self.breakpoints = tuple(breakpoints) or ((0, 0.0), (total_steps, float(total_steps)))
+    def set_schedule(self, breakpoints: Sequence[tuple[int, float]]) -> None:
+        """The run's length and how its steps map onto the lr and tau schedules: `breakpoints`
+        (core.schedules.schedule_position) from (0, 0) to (last step, schedule length). A run that was
+        not re-planned has (0, 0), (n, n): step k is position k and the schedules end at step n."""
+        self.breakpoints = tuple(breakpoints)
+        self.total_steps = self.breakpoints[-1][0]
         self.schedule_steps = self.breakpoints[-1][1]
 
     def position(self) -> float:

@@ -168,7 +168,7 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
         if rank == 0 and tracker is not None:
             # run.precision may be "auto": record what the replicas computed in.
             tracker.log_params({**plan.params(), "precision_used": trainer.precision})
-    trainer.set_total_steps(plan.total_steps, plan.breakpoints())
+    trainer.set_schedule(plan.breakpoints())
     if rank == 0:
         log(describe(plan, cfg))
 
@@ -201,7 +201,7 @@ def replan_after_epoch(cfg: Config, trainer: Pretrainer, plan: StepPlan, epoch: 
     new = replan(cfg, plan, trainer.step, elapsed, step_s)
     if new is None:
         return plan
-    trainer.set_total_steps(new.total_steps, new.breakpoints())
+    trainer.set_schedule(new.breakpoints())
     if rank == 0:
         log(describe_replan(plan, new, epoch + 1, trainer.step, step_s, cfg, trainer.lr(), trainer.tau()))
     return new
