@@ -29,15 +29,22 @@ from byol_ray.data.augment import TwoViews
 
 
 def check_views(dev: torch.device) -> dict:
+    # The general crop path (40 x 36 inputs, a copy per view) and the small-input one (28 px: crop matrices
+    # from tables, the batch read in place by both views, matrix blur of 20 px views).
+    err = 0.0
+    for channels, in_size, out, shared in ((3, (40, 36), 32, False), (1, (28, 28), 20, True)):
+        views = TwoViews(AugmentConfig(), out, [0.5] * channels, [0.25] * channels)
+        x = torch.randint(0, 256, (512, channels, *in_size), dtype=torch.uint8)
+        p = views.batched.sample_params(512, channels, in_size, torch.Generator().manual_seed(0), "cpu")
+        p["jitter"][:] = True
+        p["blur"][:] = True
+        xs = x.float().div(255)
+        xs = xs if shared else xs.repeat(2, 1, 1, 1)
+        cpu = views.batched.apply(xs, p, shared=shared)
+        cuda = views.batched.apply(xs.to(dev), {k: v.to(dev) for k, v in p.items()}, shared=shared)
+        err = max(err, (cuda.cpu() - cpu).abs().max().item())
     two = TwoViews(AugmentConfig(), 32, [0.5] * 3, [0.25] * 3)
     x = torch.randint(0, 256, (512, 3, 40, 36), dtype=torch.uint8)
-    p = two.batched.sample_params(512, 3, (40, 36), torch.Generator().manual_seed(0), "cpu")
-    p["jitter"][:] = True
-    p["blur"][:] = True
-    xs = x.float().div(255).repeat(2, 1, 1, 1)
-    cpu = two.batched.apply(xs, p)
-    cuda = two.batched.apply(xs.to(dev), {k: v.to(dev) for k, v in p.items()})
-    err = (cuda.cpu() - cpu).abs().max().item()
     g = torch.Generator(device=dev).manual_seed(0)
     xd = x.to(dev)
     two(xd, g)
