@@ -258,6 +258,9 @@ def _per_channel(t: torch.Tensor, C: int) -> torch.Tensor:
     return t if C == 1 else t.unsqueeze(1).expand(t.shape[0], C, *t.shape[1:]).reshape(-1, *t.shape[1:])
 
 
+SINGLE_PASS_BLUR_TAPS = 5  # see gaussian_blur
+
+
 def gaussian_blur(x: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
     """Separable per-image blur with [N, size] kernels as grouped convolutions (one group per image
     channel), reflect padding. Kernels of up to SINGLE_PASS_BLUR_TAPS taps run as ONE 2-D convolution
@@ -267,8 +270,7 @@ def gaussian_blur(x: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
     N, C, H, W = x.shape
     size = kern.shape[1]
     r = size // 2
-    if r >= min(H, W):
-        raise ValueError(f"blur kernel {size} is too large for {H}x{W} images (reflect padding)")
+    _check_blur_fits(size, H, W)
     kern = _per_channel(kern, C)  # one group per image channel
     y = F.pad(x.reshape(1, N * C, H, W), (r, r, r, r), mode="reflect")
     if size <= SINGLE_PASS_BLUR_TAPS:
@@ -279,15 +281,16 @@ def gaussian_blur(x: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
     return y.view(N, C, H, W)
 
 
-SINGLE_PASS_BLUR_TAPS = 5
+def _check_blur_fits(size: int, H: int, W: int) -> None:
+    if size // 2 >= min(H, W):
+        raise ValueError(f"blur kernel {size} is too large for {H}x{W} images (reflect padding)")
 
 
 def blur_band(side: int, size: int) -> torch.Tensor:
     """[size, side * side] 0/1: where tap k of a `size`-tap kernel lands in the [side, side] matrix that
     blurs one axis with reflect padding (row i reads pixel reflect(i + k - size // 2))."""
     r = size // 2
-    if r >= side:
-        raise ValueError(f"blur kernel {size} is too large for {side}x{side} images (reflect padding)")
+    _check_blur_fits(size, side, side)
     band = torch.zeros(size, side, side)
     for k in range(size):
         for i in range(side):
@@ -344,7 +347,7 @@ class _Consts:
     tap_min: torch.Tensor  # [2, 1] zeros
     tap_max: torch.Tensor  # [2, 1] last pixel index along y and x
     cubic: tuple[torch.Tensor, ...]  # 4 x [4, 1, 1, 1]: per tap, the coefficient of d^0, d^1, d^2, d^3
-    resample: torch.Tensor  # [2, N, out, max(H, W)] scratch for the per-image resampling matrices
+    resample: torch.Tensor | None  # [2, N, out, max(H, W)] scratch for the computed path's matrices
     tables: tuple[torch.Tensor, torch.Tensor] | None  # small inputs: every box's matrices (_resample_tables)
     flip_shift: torch.Tensor  # [2] (0, W + 1): a flipped box's x table block
     table_stride: torch.Tensor  # [2] (H, W)
@@ -502,7 +505,7 @@ class BatchedViews:
         x pass multiplies each source image once by all its views' R_x stacked, and the y pass runs
         once per view, so the batch is never copied per view (that copy was 10% of a call on a CPU).
         """
-        B, C, H, W = x.shape
+        _, C, H, W = x.shape
         N = box.shape[0]
         out = self.out_size
         n_img = N // views
@@ -634,6 +637,10 @@ class BatchedViews:
                 if tables not in self._tables:
                     self._tables[tables] = self._resample_tables(c, tuple(in_size))
                 c.tables = self._tables[tables]
+                if c.tables is None:
+                    # The computed path scatters into a buffer kept between calls: a fresh 1-2 MB tensor each
+                    # call costs the CPU page faults when its memory is first touched, more than the zeroing.
+                    c.resample = c.j.new_zeros(2, batch * len(self.views), self.out_size, max(in_size))
             self._consts[key] = c
         return self._consts[key]
 
@@ -708,7 +715,7 @@ class BatchedViews:
             # Keys' cubic with a = -0.75 (torch's bicubic): |d| <= 1 for the inner taps, 1 < |d| < 2 outer.
             cubic=tuple(taps(row) for row in [[-4 * A, 1, 1, -4 * A], [8 * A, 0, 0, 8 * A],
                                                [-5 * A, -(A + 3), -(A + 3), -5 * A], [A, A + 2, A + 2, A]]),
-            resample=torch.zeros(2, batch * len(self.views), out, max(H, W), **f32), tables=None,
+            resample=None, tables=None,
             flip_shift=t([0.0, W + 1]), table_stride=t([H, W]),
             jitter_identity=t([0, 1, 1, 0]), stage_a0=a0, stage_a1=a1, stage_identity=t([1, 0, 0, 0]),
             jitter_active=torch.tensor(self._active_jitter(C), dtype=torch.long, device=device),
