@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup main test test-fast screenshots bench clean
+.PHONY: setup main test test-fast lint screenshots bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,12 @@ main: setup
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+
+# ruff (lint and format) and mypy, configured in pyproject.toml; CI runs this before the tests.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not ray" $(ARGS)

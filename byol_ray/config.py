@@ -247,7 +247,7 @@ class Config:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "Config":
+    def from_dict(cls, d: dict[str, Any] | None) -> Config:
         cfg = _build(cls, d or {}, "")
         validate(cfg)
         return cfg
@@ -272,7 +272,7 @@ class Config:
         walk("", self.to_dict())
         return out
 
-    def replace(self, overrides: dict[str, Any]) -> "Config":
+    def replace(self, overrides: dict[str, Any]) -> Config:
         """A new validated config with dotted-key overrides applied."""
         d = self.to_dict()
         for k, v in overrides.items():
@@ -433,17 +433,26 @@ def _validate_fields(cfg: Config) -> None:
     _choice(d.dataset, DATASETS, "data.dataset")
     _check(bool(d.root), "data.root", "must name the folder holding the dataset files")
     _check(d.image_size >= 8, "data.image_size", f"must be >= 8 pixels, got {d.image_size}")
-    _check(a.view_size == 0 or a.view_size >= 8, "augment.view_size",
-           f"must be 0 (= data.image_size) or >= 8 pixels, got {a.view_size}")
+    _check(
+        a.view_size == 0 or a.view_size >= 8,
+        "augment.view_size",
+        f"must be 0 (= data.image_size) or >= 8 pixels, got {a.view_size}",
+    )
     _check(d.train_subset >= 0, "data.train_subset", "must be >= 0 (0 = all)")
     _check(d.test_subset >= 0, "data.test_subset", "must be >= 0 (0 = all)")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _check(not d.stream or d.dataset == "folder", "data.stream",
-           f"only data.dataset=folder is streamed from files; {d.dataset} is read into memory (set data.stream=false)")
+    _check(
+        not d.stream or d.dataset == "folder",
+        "data.stream",
+        f"only data.dataset=folder is streamed from files; {d.dataset} is read into memory (set data.stream=false)",
+    )
     _check(d.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
-    _check(not d.stream or (not cfg.eval.final and cfg.eval.knn_every == 0), "data.stream",
-           "the frozen-feature evaluation holds the whole train split in memory and is not streamed: with "
-           "data.stream=true set eval.final=false and eval.knn_every=0, and evaluate the checkpoint afterwards")
+    _check(
+        not d.stream or (not cfg.eval.final and cfg.eval.knn_every == 0),
+        "data.stream",
+        "the frozen-feature evaluation holds the whole train split in memory and is not streamed: with "
+        "data.stream=true set eval.final=false and eval.knn_every=0, and evaluate the checkpoint afterwards",
+    )
 
     m = cfg.model
     _choice(m.backbone, BACKBONES, "model.backbone")
@@ -451,16 +460,20 @@ def _validate_fields(cfg: Config) -> None:
     _choice(m.target_bn, TARGET_BN_MODES, "model.target_bn")
     _check(m.width >= 4 and m.width % 4 == 0, "model.width", f"must be a multiple of 4 >= 4, got {m.width}")
     _check(m.in_channels in (0, 1, 3), "model.in_channels", f"must be 0 (from the data), 1 or 3, got {m.in_channels}")
-    _check(not d.stream or m.in_channels in (0, 3), "model.in_channels",
-           "streamed folders are decoded as RGB (3 channels): set model.in_channels=0 or 3 with data.stream=true")
+    _check(
+        not d.stream or m.in_channels in (0, 3),
+        "model.in_channels",
+        "streamed folders are decoded as RGB (3 channels): set model.in_channels=0 or 3 with data.stream=true",
+    )
     for k in ("projector_hidden", "projector_out", "predictor_hidden"):
         _check(getattr(m, k) >= 1, f"model.{k}", f"must be >= 1, got {getattr(m, k)}")
     _check(m.projector_layers >= 1, "model.projector_layers", "must be >= 1")
     _check(m.predictor_layers >= 1, "model.predictor_layers", "must be >= 1")
 
     o = cfg.optim
-    _check(o.epochs >= 1, "optim.epochs",
-           f"must be >= 1 (a run of 0 epochs trains and evaluates nothing), got {o.epochs}")
+    _check(
+        o.epochs >= 1, "optim.epochs", f"must be >= 1 (a run of 0 epochs trains and evaluates nothing), got {o.epochs}"
+    )
     _check(o.batch_size >= 2, "optim.batch_size", f"must be >= 2 (BatchNorm needs 2 samples), got {o.batch_size}")
     _check(o.accumulate_steps >= 1, "optim.accumulate_steps", "must be >= 1")
     _check(
@@ -494,8 +507,11 @@ def _validate_fields(cfg: Config) -> None:
     _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1")
     _check(0 <= e.collapse_std < 1, "eval.collapse_std", f"must be in [0, 1) (0 = off), got {e.collapse_std}")
 
-    _check(cfg.tracking.system_metrics_interval_s >= 0.5, "tracking.system_metrics_interval_s",
-           f"must be >= 0.5 seconds, got {cfg.tracking.system_metrics_interval_s}")
+    _check(
+        cfg.tracking.system_metrics_interval_s >= 0.5,
+        "tracking.system_metrics_interval_s",
+        f"must be >= 0.5 seconds, got {cfg.tracking.system_metrics_interval_s}",
+    )
 
     r = cfg.run
     _check(bool(r.name) and "/" not in r.name, "run.name", "must be a non-empty name without '/'")
@@ -503,8 +519,11 @@ def _validate_fields(cfg: Config) -> None:
     _check(r.num_workers >= 1, "run.num_workers", f"must be >= 1, got {r.num_workers}")
     _check(r.cpus_per_worker > 0, "run.cpus_per_worker", "must be > 0")
     _check(r.gpus_per_worker >= 0, "run.gpus_per_worker", "must be >= 0")
-    _check(not (r.device == "cpu" and r.gpus_per_worker > 0), "run.gpus_per_worker",
-           f"{r.gpus_per_worker:g} GPUs per worker with run.device=cpu: set run.device=cuda (or auto), or 0 GPUs")
+    _check(
+        not (r.device == "cpu" and r.gpus_per_worker > 0),
+        "run.gpus_per_worker",
+        f"{r.gpus_per_worker:g} GPUs per worker with run.device=cpu: set run.device=cuda (or auto), or 0 GPUs",
+    )
     _check(r.checkpoint_every >= 1, "run.checkpoint_every", "must be >= 1 epoch")
     _check(r.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
     _check(r.max_failures >= 0, "run.max_failures", "must be >= 0")
@@ -515,11 +534,17 @@ def _validate_fields(cfg: Config) -> None:
     _check(cfg.debug.step_delay_s >= 0, "debug.step_delay_s", f"must be >= 0 seconds, got {cfg.debug.step_delay_s}")
     _choice(r.compile_mode, COMPILE_MODES, "run.compile_mode")
     if r.compile and r.compile_mode != "networks":
-        _check(r.device != "cpu", "run.compile_mode",
-               f"{r.compile_mode} records the step as a CUDA graph: set run.device=cuda, or run.compile_mode=networks")
-        _check(r.num_workers == 1, "run.compile_mode",
-               f"{r.compile_mode} records one process's step as a CUDA graph, without DDP's gradient all-reduce: "
-               f"set run.num_workers=1 (one GPU), or run.compile_mode=networks")
+        _check(
+            r.device != "cpu",
+            "run.compile_mode",
+            f"{r.compile_mode} records the step as a CUDA graph: set run.device=cuda, or run.compile_mode=networks",
+        )
+        _check(
+            r.num_workers == 1,
+            "run.compile_mode",
+            f"{r.compile_mode} records one process's step as a CUDA graph, without DDP's gradient all-reduce: "
+            f"set run.num_workers=1 (one GPU), or run.compile_mode=networks",
+        )
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -553,12 +578,16 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         d = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML at {yaml_problem(e)}. Fix it there; "
-                          f"experiments/fmnist.yaml shows the expected layout.") from None
+        raise ConfigError(
+            f"config file {p} is not valid YAML at {yaml_problem(e)}. Fix it there; "
+            f"experiments/fmnist.yaml shows the expected layout."
+        ) from None
     if d is None:
         # Not the defaults in silence: those are the paper's 100-epoch ImageNet-length schedule.
-        raise ConfigError(f"config file {p} is empty. Put the sections to change in it (data:, model:, optim:, "
-                          f"...; experiments/fmnist.yaml is an example), or leave --config out to run the defaults.")
+        raise ConfigError(
+            f"config file {p} is empty. Put the sections to change in it (data:, model:, optim:, "
+            f"...; experiments/fmnist.yaml is an example), or leave --config out to run the defaults."
+        )
     if not isinstance(d, dict):
         raise ConfigError(f"config file {p} must hold a mapping of sections (data:, model:, ...)")
     return d

@@ -32,8 +32,18 @@ from .config import Config, ConfigError, load_config, parse_override, yaml_probl
 from .errors import UserError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments" / "sweeps"
-_TOP_KEYS = {"name", "ablation", "base_config", "overrides", "seeds", "baseline", "paper_baseline", "asha",
-             "variants", "description"}
+_TOP_KEYS = {
+    "name",
+    "ablation",
+    "base_config",
+    "overrides",
+    "seeds",
+    "baseline",
+    "paper_baseline",
+    "asha",
+    "variants",
+    "description",
+}
 _VARIANT_KEYS = {"name", "set", "paper", "note"}
 _ASHA_KEYS = {"enabled", "metric", "grace_epochs", "reduction_factor"}
 
@@ -80,7 +90,7 @@ class SweepSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SweepSpec":
+    def from_dict(cls, d: dict[str, Any]) -> SweepSpec:
         d = dict(d)
         d["variants"] = [Variant(**v) for v in d["variants"]]
         d["asha"] = Asha(**d["asha"])
@@ -114,13 +124,15 @@ class SweepSpec:
             cfg = cfg.replace(dict(parse_override(o) for o in cli_overrides))
             cfg = cfg.replace(v.set)
             name = "-".join(x for x in (self.name, instance, v.slug, f"s{seed}") if x)
-            cfg = cfg.replace({
-                "run.seed": seed,
-                "run.name": name,
-                # Absolute: Tune and Ray Train run each trial in their own working directory.
-                "run.output_dir": str(cfg.output_dir),
-                "data.root": str(Path(cfg.data.root).expanduser().resolve()),
-            })
+            cfg = cfg.replace(
+                {
+                    "run.seed": seed,
+                    "run.name": name,
+                    # Absolute: Tune and Ray Train run each trial in their own working directory.
+                    "run.output_dir": str(cfg.output_dir),
+                    "data.root": str(Path(cfg.data.root).expanduser().resolve()),
+                }
+            )
         except ConfigError as e:
             raise SweepError(f"sweep {self.name!r} ({self.source}), variant {variant!r}: {e}") from None
         return cfg
@@ -140,13 +152,17 @@ def resolve_sweep_path(name_or_path: str) -> Path:
     p = Path(name_or_path).expanduser()
     if p.suffix in (".yaml", ".yml") or "/" in name_or_path:
         if not p.is_file():
-            raise SweepError(f"sweep file {p} does not exist; pass a preset name ({', '.join(presets())}) "
-                             f"or the path of a sweep YAML file")
+            raise SweepError(
+                f"sweep file {p} does not exist; pass a preset name ({', '.join(presets())}) "
+                f"or the path of a sweep YAML file"
+            )
         return p.resolve()
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if not preset.is_file():
-        raise SweepError(f"unknown sweep preset {name_or_path!r}; the presets are: {', '.join(presets())} "
-                         f"(in {PRESET_DIR}), or pass the path of your own sweep YAML file")
+        raise SweepError(
+            f"unknown sweep preset {name_or_path!r}; the presets are: {', '.join(presets())} "
+            f"(in {PRESET_DIR}), or pass the path of your own sweep YAML file"
+        )
     return preset
 
 
@@ -157,8 +173,10 @@ def load_sweep(name_or_path: str, cli_overrides: list[str] | None = None) -> Swe
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise SweepError(f"{where} is not valid YAML at {yaml_problem(e)}. Fix the syntax at that line; "
-                         f"experiments/sweeps/tau.yaml shows the expected layout.") from None
+        raise SweepError(
+            f"{where} is not valid YAML at {yaml_problem(e)}. Fix the syntax at that line; "
+            f"experiments/sweeps/tau.yaml shows the expected layout."
+        ) from None
     if not isinstance(raw, dict):
         raise SweepError(f"{where} must be a mapping with name:, base_config:, baseline: and variants:")
     _no_unknown(raw, _TOP_KEYS, where)
@@ -201,8 +219,9 @@ def load_sweep(name_or_path: str, cli_overrides: list[str] | None = None) -> Swe
         paper = v.get("paper")
         if paper is not None and not isinstance(paper, (int, float)):
             raise SweepError(f"{vwhere}: paper must be a number (the paper's top-1), got {paper!r}")
-        variants.append(Variant(str(v["name"]), dict(sets), None if paper is None else float(paper),
-                                str(v.get("note", ""))))
+        variants.append(
+            Variant(str(v["name"]), dict(sets), None if paper is None else float(paper), str(v.get("note", "")))
+        )
     names = [v.name for v in variants]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -223,10 +242,19 @@ def load_sweep(name_or_path: str, cli_overrides: list[str] | None = None) -> Swe
         raise SweepError(f"{where}: asha needs grace_epochs >= 1 and reduction_factor >= 2")
 
     pb = raw.get("paper_baseline")
-    spec = SweepSpec(name=name, ablation=str(raw.get("ablation", name)), base_config=str(base),
-                     variants=variants, baseline=baseline, seeds=seeds, overrides=dict(overrides),
-                     paper_baseline=None if pb is None else float(pb), asha=asha,
-                     description=str(raw.get("description", "")), source=str(path))
+    spec = SweepSpec(
+        name=name,
+        ablation=str(raw.get("ablation", name)),
+        base_config=str(base),
+        variants=variants,
+        baseline=baseline,
+        seeds=seeds,
+        overrides=dict(overrides),
+        paper_baseline=None if pb is None else float(pb),
+        asha=asha,
+        description=str(raw.get("description", "")),
+        source=str(path),
+    )
     for v in variants:  # every trial's config, validated now
         spec.trial_config(v.name, seeds[0], cli_overrides or [])
     return spec

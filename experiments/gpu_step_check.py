@@ -51,18 +51,25 @@ def check_views(dev: torch.device) -> dict:
     with DispatchCounter() as c:
         two(xd, g)
     torch.cuda.synchronize(dev)
-    return {"max_abs_diff_cuda_vs_cpu": err, "ops": c.ops, "syncs": c.syncs, "sync_ops": dict(c.sync_by_op),
-            "ok": err < 1e-4 and c.ops <= 300 and c.syncs == 0}
+    return {
+        "max_abs_diff_cuda_vs_cpu": err,
+        "ops": c.ops,
+        "syncs": c.syncs,
+        "sync_ops": dict(c.sync_by_op),
+        "ok": err < 1e-4 and c.ops <= 300 and c.syncs == 0,
+    }
 
 
 def tiny_cfg(precision: str) -> Config:
-    return Config.from_dict({
-        "data": {"image_size": 32},
-        "model": {"width": 16, "stem": "small", "projector_hidden": 256, "predictor_hidden": 256},
-        "optim": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0.5, "grad_clip": 1.0},
-        "run": {"device": "cuda", "precision": precision},
-        "tracking": {"enabled": False},
-    })
+    return Config.from_dict(
+        {
+            "data": {"image_size": 32},
+            "model": {"width": 16, "stem": "small", "projector_hidden": 256, "predictor_hidden": 256},
+            "optim": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0.5, "grad_clip": 1.0},
+            "run": {"device": "cuda", "precision": precision},
+            "tracking": {"enabled": False},
+        }
+    )
 
 
 def batches(n: int, dev: torch.device) -> list:
@@ -97,8 +104,12 @@ def check_captured(dev: torch.device, precision: str) -> dict:
         wdiff = max((a - b).abs().max().item() for a, b in zip(eager.online.parameters(), captured.online.parameters()))
         same_gen = torch.equal(eager.generator.get_state(), captured.generator.get_state())
         distinct = len(set(losses["captured"])) == len(steps)
-        out.update(max_rel_loss_diff=rel, max_abs_weight_diff=wdiff, same_generator_state=same_gen,
-                   replays_see_new_batches=distinct)
+        out.update(
+            max_rel_loss_diff=rel,
+            max_abs_weight_diff=wdiff,
+            same_generator_state=same_gen,
+            replays_see_new_batches=distinct,
+        )
         ok = ok and rel < 1e-2 and wdiff < 1e-2 and same_gen and distinct
     with DispatchCounter() as c:
         captured.train_step(steps[0])
@@ -112,8 +123,11 @@ def main() -> int:
     out_path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("gpu_step_check.json")
     dev = torch.device("cuda", 0)
     res: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name(dev)}
-    for name, fn in (("views", lambda: check_views(dev)), ("captured_fp32", lambda: check_captured(dev, "fp32")),
-                     ("captured_bf16", lambda: check_captured(dev, "bf16"))):
+    for name, fn in (
+        ("views", lambda: check_views(dev)),
+        ("captured_fp32", lambda: check_captured(dev, "fp32")),
+        ("captured_bf16", lambda: check_captured(dev, "bf16")),
+    ):
         t0 = time.time()
         try:
             res[name] = fn()

@@ -15,10 +15,20 @@ from byol_ray.config import Config, load_config
 
 # A config small enough for a 2-worker Ray Train run in seconds on 2 cores.
 TINY = [
-    "data.train_subset=512", "data.test_subset=256", "optim.batch_size=64", "optim.steps_per_epoch=3",
-    "optim.epochs=3", "model.width=8", "model.projector_hidden=64", "model.predictor_hidden=64",
-    "eval.linear_epochs=20", "eval.knn_k=20", "run.num_workers=2", "run.cpus_per_worker=1",
-    "run.log_every=100", "run.max_failures=0",
+    "data.train_subset=512",
+    "data.test_subset=256",
+    "optim.batch_size=64",
+    "optim.steps_per_epoch=3",
+    "optim.epochs=3",
+    "model.width=8",
+    "model.projector_hidden=64",
+    "model.predictor_hidden=64",
+    "eval.linear_epochs=20",
+    "eval.knn_k=20",
+    "run.num_workers=2",
+    "run.cpus_per_worker=1",
+    "run.log_every=100",
+    "run.max_failures=0",
 ]
 
 # A few seconds of training per trial; 1 worker x 1 CPU so two trials fit a 2-CPU runtime at once.
@@ -34,11 +44,21 @@ TINY_SWEEP_BASE = {
 
 def write_sweep(tmp_path: Path, variants: list[dict], seeds=1, name="tiny", fmnist_root: str = "", **extra) -> Path:
     """A sweep file of `variants` over TINY_SWEEP_BASE, writing under tmp_path/out."""
-    base = {**TINY_SWEEP_BASE, "data": {**TINY_SWEEP_BASE["data"], "root": fmnist_root},
-            "run": {**TINY_SWEEP_BASE["run"], "output_dir": str(tmp_path / "out")}}
+    base = {
+        **TINY_SWEEP_BASE,
+        "data": {**TINY_SWEEP_BASE["data"], "root": fmnist_root},
+        "run": {**TINY_SWEEP_BASE["run"], "output_dir": str(tmp_path / "out")},
+    }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    spec = {"name": name, "ablation": "tiny test ablation", "base_config": "base.yaml", "seeds": seeds,
-            "baseline": variants[0]["name"], "variants": variants, **extra}
+    spec = {
+        "name": name,
+        "ablation": "tiny test ablation",
+        "base_config": "base.yaml",
+        "seeds": seeds,
+        "baseline": variants[0]["name"],
+        "variants": variants,
+        **extra,
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -72,8 +92,13 @@ def kill_cluster(temp_dir: str) -> None:
 
 
 # A small model for single-process tests of the step, the benchmark and the streamed input.
-SMALL_MODEL = ["model.width=8", "model.projector_hidden=32", "model.predictor_hidden=32", "model.projector_out=16",
-        "run.torch_threads=1"]
+SMALL_MODEL = [
+    "model.width=8",
+    "model.projector_hidden=32",
+    "model.predictor_hidden=32",
+    "model.projector_out=16",
+    "run.torch_threads=1",
+]
 
 
 def write_image_folder(root: Path) -> Path:
@@ -91,7 +116,21 @@ def write_image_folder(root: Path) -> Path:
 
 
 def folder_cfg(root, tmp_path, *extra) -> Config:
-    return load_config(None, SMALL_MODEL + [
-        "data.dataset=folder", f"data.root={root}", "data.image_size=16", "data.stream=true",
-        "eval.final=false", "eval.knn_every=0", "optim.batch_size=8", "optim.epochs=1", "model.stem=small",
-        f"run.output_dir={tmp_path}", "tracking.enabled=false", *extra])
+    return load_config(
+        None,
+        SMALL_MODEL
+        + [
+            "data.dataset=folder",
+            f"data.root={root}",
+            "data.image_size=16",
+            "data.stream=true",
+            "eval.final=false",
+            "eval.knn_every=0",
+            "optim.batch_size=8",
+            "optim.epochs=1",
+            "model.stem=small",
+            f"run.output_dir={tmp_path}",
+            "tracking.enabled=false",
+            *extra,
+        ],
+    )

@@ -12,7 +12,6 @@ import dataclasses
 import typing
 from pathlib import Path
 
-
 from byol_ray.config import Config
 
 PACKAGE = Path(__file__).resolve().parents[1] / "byol_ray"
@@ -31,8 +30,7 @@ ALLOWED = {
     "eval": {"core", "data", "tracking", "config", "errors", "seeding"},
     "training": {"eval", "core", "data", "config", "errors", "seeding"},
     "distributed": {"training", "eval", "core", "data", "tracking", "config", "errors", "seeding", "sweep_spec"},
-    "cli": {"distributed", "training", "eval", "core", "data", "tracking", "config", "errors", "seeding",
-            "sweep_spec"},
+    "cli": {"distributed", "training", "eval", "core", "data", "tracking", "config", "errors", "seeding", "sweep_spec"},
     "train": {"cli"},
     "bench": {"cli"},
     "__init__": set(),
@@ -98,7 +96,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
         path.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return path[path.index(n):] + [n]
+                return path[path.index(n) :] + [n]
             if n not in state and (c := visit(n)):
                 return c
         path.pop()
@@ -125,11 +123,17 @@ def private_imports(mods: dict[str, Path]) -> list[str]:
                 aliases.update({a.asname or a.name: a.name for a in node.names if a.name in mods})
             elif isinstance(node, ast.ImportFrom):  # `from pkg import module [as alias]`
                 target = from_target(mods, m, node)
-                aliases.update({a.asname or a.name: f"{target}.{a.name}" for a in node.names
-                                if f"{target}.{a.name}" in mods})
+                aliases.update(
+                    {a.asname or a.name: f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in mods}
+                )
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 bad.append(f"{m}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
     return bad
 
@@ -203,8 +207,13 @@ def test_no_test_module_imports_another():
     test_mods = modules(TESTS, "tests")
     for m, f in test_mods.items():
         for node in ast.walk(ast.parse(f.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not [n for n in names if n.split(".")[0].startswith("test_")], f"{m} imports {names}"
 
 
@@ -253,26 +262,34 @@ def write_package(root: Path, files: dict[str, str]) -> dict[str, Path]:
 
 
 def test_the_checkers_catch_what_they_look_for(tmp_path):
-    mods = write_package(tmp_path, {
-        "__init__.py": "",
-        "core/__init__.py": "",
-        "core/a.py": "from .b import helper\n",
-        "core/b.py": "def helper():\n    from . import a\n    from ..tracking.t import _secret\n",
-        "tracking/__init__.py": "",
-        "tracking/t.py": "import mlflow\n_secret = 1\n",
-        "cli/__init__.py": "import mlflow.pytorch\nimport ray\nfrom pkg.core import b\nx = b._private\n",
-    })
+    mods = write_package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "core/__init__.py": "",
+            "core/a.py": "from .b import helper\n",
+            "core/b.py": "def helper():\n    from . import a\n    from ..tracking.t import _secret\n",
+            "tracking/__init__.py": "",
+            "tracking/t.py": "import mlflow\n_secret = 1\n",
+            "cli/__init__.py": "import mlflow.pytorch\nimport ray\nfrom pkg.core import b\nx = b._private\n",
+        },
+    )
     cycle = find_cycle(internal_graph(mods))
     assert cycle[0] == cycle[-1] and sorted(cycle[1:]) == ["pkg.core.a", "pkg.core.b"]
-    assert sorted(private_imports(mods)) == ["pkg.cli:4 uses pkg.core.b._private",
-                                             "pkg.core.b:3 imports pkg.tracking.t._secret"]
+    assert sorted(private_imports(mods)) == [
+        "pkg.cli:4 uses pkg.core.b._private",
+        "pkg.core.b:3 imports pkg.tracking.t._secret",
+    ]
     assert edge_violations(mods, {"mlflow": "tracking", "ray": "distributed"}) == [
         "pkg.cli:1 imports mlflow.pytorch (only tracking/ may import mlflow)",
-        "pkg.cli:2 imports ray (only distributed/ may import ray)"]
+        "pkg.cli:2 imports ray (only distributed/ may import ray)",
+    ]
     assert layering_violations(mods, {"core": set(), "tracking": set(), "cli": {"core"}, "__init__": set()}) == [
-        "pkg.core.b:3 imports pkg.tracking.t (core may not import tracking)"]
+        "pkg.core.b:3 imports pkg.tracking.t (core may not import tracking)"
+    ]
     # A field nobody reads is reported; a read one is not.
     src = tmp_path / "reader.py"
     src.write_text("def f(cfg):\n    return cfg.optim.epochs, getattr(cfg.augment.view1, 'flip_prob')\n")
     assert unread_fields(["optim.epochs", "augment.view1.flip_prob", "optim.max_minutes"], [src]) == [
-        "optim.max_minutes"]
+        "optim.max_minutes"
+    ]

@@ -40,11 +40,15 @@ def test_an_experiment_in_a_vanishing_folder_gets_a_warning_with_the_way_out(tmp
     Tracker.start(cfg.replace({"run.name": "b"}))
     err = capsys.readouterr().err
     assert err.count("byol-ray: warning:") == 1  # once per process, not once per run
-    warning = err[err.index("byol-ray: warning:"):].strip()
+    warning = err[err.index("byol-ray: warning:") :].strip()
     assert "\n" not in warning  # one paragraph
-    for phrase in [f"keeps its artifacts in {RAY_COPY}", "Ray's temporary copy", "tracking.experiment=byol-ray-2",
-                   f"its artifacts will go to {out / 'mlartifacts'}",
-                   f"UPDATE experiments SET artifact_location='{out / 'mlartifacts'}' WHERE name='byol-ray'"]:
+    for phrase in [
+        f"keeps its artifacts in {RAY_COPY}",
+        "Ray's temporary copy",
+        "tracking.experiment=byol-ray-2",
+        f"its artifacts will go to {out / 'mlartifacts'}",
+        f"UPDATE experiments SET artifact_location='{out / 'mlartifacts'}' WHERE name='byol-ray'",
+    ]:
         assert phrase in warning, phrase
     # The way out works: a new experiment's artifacts go beside the store, without a warning.
     tracker = Tracker.start(cfg.replace({"tracking.experiment": "byol-ray-2", "run.name": "c"}))
@@ -52,16 +56,19 @@ def test_an_experiment_in_a_vanishing_folder_gets_a_warning_with_the_way_out(tmp
     assert "warning" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("location, store, at_risk", [
-    (RAY_COPY, "/data/mlflow.db", "Ray's temporary copy"),
-    (f"file://{RAY_COPY}", "/data/mlflow.db", "Ray's temporary copy"),
-    ("/tmp/mlruns/1", "/data/mlflow.db", "a temporary folder"),
-    ("mlruns/1", "/data/mlflow.db", "a relative folder"),
-    ("/tmp/t/mlartifacts", "/tmp/t/mlflow.db", ""),  # inside the store's own folder: lives with it
-    ("/data/mlartifacts", "/data/mlflow.db", ""),
-    ("mlflow-artifacts:/1", "/data/mlflow.db", ""),  # a tracking server's
-    ("s3://bucket/mlflow/1", "/data/mlflow.db", ""),
-])
+@pytest.mark.parametrize(
+    "location, store, at_risk",
+    [
+        (RAY_COPY, "/data/mlflow.db", "Ray's temporary copy"),
+        (f"file://{RAY_COPY}", "/data/mlflow.db", "Ray's temporary copy"),
+        ("/tmp/mlruns/1", "/data/mlflow.db", "a temporary folder"),
+        ("mlruns/1", "/data/mlflow.db", "a relative folder"),
+        ("/tmp/t/mlartifacts", "/tmp/t/mlflow.db", ""),  # inside the store's own folder: lives with it
+        ("/data/mlartifacts", "/data/mlflow.db", ""),
+        ("mlflow-artifacts:/1", "/data/mlflow.db", ""),  # a tracking server's
+        ("s3://bucket/mlflow/1", "/data/mlflow.db", ""),
+    ],
+)
 def test_which_artifact_locations_are_at_risk(location, store, at_risk):
     why = artifacts_at_risk(location, f"sqlite:///{store}")
     assert (at_risk in why) if at_risk else why == "", why

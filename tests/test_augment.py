@@ -12,6 +12,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from byol_ray.config import AUG_OPS, AugmentConfig, ViewConfig
 from byol_ray.data import augment
 from byol_ray.data.augment import (
     JITTER_OPS,
@@ -26,7 +27,6 @@ from byol_ray.data.augment import (
     noop_ops,
     reference_view_transform,
 )
-from byol_ray.config import AUG_OPS, AugmentConfig, ViewConfig
 
 T = AugmentConfig().view1
 T2 = AugmentConfig().view2

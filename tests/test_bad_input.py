@@ -13,16 +13,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-
-from byol_ray.core.state import TrainState, save_state
-from byol_ray.config import load_config
 from helpers import cluster_pids, kill_cluster
+
+from byol_ray.config import load_config
+from byol_ray.core.state import TrainState, save_state
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -61,8 +61,10 @@ def corrupt_fmnist(tmp: Path) -> None:
 def checkpoint_of_other_config(tmp: Path) -> None:
     """A run `old` whose checkpoint was made with model.width=8; the case resumes it with width 16."""
     other = load_config(None, ["model.width=8", "run.name=old", f"run.output_dir={tmp / 'out'}"])
-    save_state(tmp / "out" / "ray_results" / "old" / "checkpoint_2026-01-01_00-00-00.000000",
-               TrainState(trainer={}, epoch=1, in_channels=1, config=other.to_dict(), rng=torch.get_rng_state()))
+    save_state(
+        tmp / "out" / "ray_results" / "old" / "checkpoint_2026-01-01_00-00-00.000000",
+        TrainState(trainer={}, epoch=1, in_channels=1, config=other.to_dict(), rng=torch.get_rng_state()),
+    )
 
 
 def finished_run(tmp: Path) -> None:
@@ -86,56 +88,131 @@ CASES = [
     Case("unknown-section", ["train", "bogus.key=1"], ["unknown config key bogus"]),
     Case("unknown-choice", ["train", "model.backbone=resnet9"], ["model.backbone", "choose one of", "resnet18"]),
     Case("override-without-equals", ["train", "optim.epochs"], ["section.key=value"]),
-    Case("batch-not-divisible", ["train", "optim.batch_size=30", "run.num_workers=4"],
-         ["optim.batch_size", "divide evenly"]),
-    Case("missing-config-file", ["train", "--config", "{tmp}/nope.yaml"], ["does not exist", "experiments/fmnist.yaml"]),
-    Case("config-not-yaml", ["train", "--config", "{tmp}/bad.yaml"], ["not valid YAML"], write("bad.yaml", "optim: [1,\n")),
-    Case("tab-in-config", ["train", "--config", "{tmp}/tab.yaml"],
-         ["tab.yaml is not valid YAML at line 2, column 1", "replace the tab with spaces"],
-         write("tab.yaml", "optim:\n\tepochs: 3\n")),
-    Case("empty-config-file", ["train", "--config", "{tmp}/empty.yaml"], ["empty.yaml is empty", "leave --config out"],
-         write("empty.yaml", "# to do\n")),
-    Case("config-not-a-mapping", ["train", "--config", "{tmp}/list.yaml"], ["must hold a mapping"],
-         write("list.yaml", "- optim\n- model\n")),
-    Case("unknown-key-in-file", ["train", "--config", "{tmp}/k.yaml"], ["unknown config key optim.epoch"],
-         write("k.yaml", "optim:\n  epoch: 3\n")),
+    Case(
+        "batch-not-divisible",
+        ["train", "optim.batch_size=30", "run.num_workers=4"],
+        ["optim.batch_size", "divide evenly"],
+    ),
+    Case(
+        "missing-config-file", ["train", "--config", "{tmp}/nope.yaml"], ["does not exist", "experiments/fmnist.yaml"]
+    ),
+    Case(
+        "config-not-yaml",
+        ["train", "--config", "{tmp}/bad.yaml"],
+        ["not valid YAML"],
+        write("bad.yaml", "optim: [1,\n"),
+    ),
+    Case(
+        "tab-in-config",
+        ["train", "--config", "{tmp}/tab.yaml"],
+        ["tab.yaml is not valid YAML at line 2, column 1", "replace the tab with spaces"],
+        write("tab.yaml", "optim:\n\tepochs: 3\n"),
+    ),
+    Case(
+        "empty-config-file",
+        ["train", "--config", "{tmp}/empty.yaml"],
+        ["empty.yaml is empty", "leave --config out"],
+        write("empty.yaml", "# to do\n"),
+    ),
+    Case(
+        "config-not-a-mapping",
+        ["train", "--config", "{tmp}/list.yaml"],
+        ["must hold a mapping"],
+        write("list.yaml", "- optim\n- model\n"),
+    ),
+    Case(
+        "unknown-key-in-file",
+        ["train", "--config", "{tmp}/k.yaml"],
+        ["unknown config key optim.epoch"],
+        write("k.yaml", "optim:\n  epoch: 3\n"),
+    ),
     Case("missing-data-dir", ["train", "data.root={tmp}/no-such-dir"], ["data.root does not exist", "Fix"]),
-    Case("corrupt-idx-file", ["train", "data.root={tmp}/fmnist"], ["train-images-idx3-ubyte.gz", "Fix"], corrupt_fmnist),
-    Case("unreachable-ray", ["train", "run.address=127.0.0.1:1"],
-         ["run.address='127.0.0.1:1' does not answer", "ray start --head"], within_s=60),
-    Case("unreachable-RAY_ADDRESS", ["train"], ["RAY_ADDRESS='127.0.0.1:1' (from the environment) does not answer",
-                                                "unset RAY_ADDRESS"], env={"RAY_ADDRESS": "127.0.0.1:1"}, within_s=60),
-    Case("RAY_ADDRESS-of-the-dashboard", ["train"], ["RAY_ADDRESS='http://127.0.0.1:8265'", "dashboard (job API)"],
-         env={"RAY_ADDRESS": "http://127.0.0.1:8265"}),
+    Case(
+        "corrupt-idx-file", ["train", "data.root={tmp}/fmnist"], ["train-images-idx3-ubyte.gz", "Fix"], corrupt_fmnist
+    ),
+    Case(
+        "unreachable-ray",
+        ["train", "run.address=127.0.0.1:1"],
+        ["run.address='127.0.0.1:1' does not answer", "ray start --head"],
+        within_s=60,
+    ),
+    Case(
+        "unreachable-RAY_ADDRESS",
+        ["train"],
+        ["RAY_ADDRESS='127.0.0.1:1' (from the environment) does not answer", "unset RAY_ADDRESS"],
+        env={"RAY_ADDRESS": "127.0.0.1:1"},
+        within_s=60,
+    ),
+    Case(
+        "RAY_ADDRESS-of-the-dashboard",
+        ["train"],
+        ["RAY_ADDRESS='http://127.0.0.1:8265'", "dashboard (job API)"],
+        env={"RAY_ADDRESS": "http://127.0.0.1:8265"},
+    ),
     Case("ray-address-not-host-port", ["train", "run.address=my-head"], ["not host:port", "run.address"]),
-    Case("unreachable-mlflow", ["train", "tracking.tracking_uri=http://127.0.0.1:1"],
-         ["tracking server http://127.0.0.1:1 is unreachable", "byol-ray mlflow-server"]),
-    Case("impossible-resources", ["train", "run.num_workers=64", "run.cpus_per_worker=1", "optim.batch_size=256"],
-         ["cannot hold 64 worker(s)", "this machine", "Lower run.num_workers"]),
-    Case("impossible-gpus", ["train", "run.gpus_per_worker=64"], ["cannot hold 1 worker(s)", "+ 64 GPU", "this machine"]),
-    Case("too-few-images-for-a-batch", ["train", "data.train_subset=10", "optim.batch_size=64"],
-         ["optim.batch_size=64 is larger than the 10 training images (data.train_subset=10)", "Lower optim.batch_size"]),
-    Case("rerun-of-a-finished-run", ["train", "run.name=done"],
-         ["run.name='done' already finished: MLflow run ", "nothing was started", "run.name=done-2"], finished_run),
-    Case("checkpoint-of-another-config", ["train", "run.name=old", "model.width=16"],
-         ["different config", "model.width: checkpoint 8 vs config 16", "new run with a different run.name"],
-         checkpoint_of_other_config),
-    Case("eval-missing-encoder", ["eval", "linear", "--encoder", "{tmp}/no-such-run"], ["--encoder", "Pass a checkpoint"]),
+    Case(
+        "unreachable-mlflow",
+        ["train", "tracking.tracking_uri=http://127.0.0.1:1"],
+        ["tracking server http://127.0.0.1:1 is unreachable", "byol-ray mlflow-server"],
+    ),
+    Case(
+        "impossible-resources",
+        ["train", "run.num_workers=64", "run.cpus_per_worker=1", "optim.batch_size=256"],
+        ["cannot hold 64 worker(s)", "this machine", "Lower run.num_workers"],
+    ),
+    Case(
+        "impossible-gpus", ["train", "run.gpus_per_worker=64"], ["cannot hold 1 worker(s)", "+ 64 GPU", "this machine"]
+    ),
+    Case(
+        "too-few-images-for-a-batch",
+        ["train", "data.train_subset=10", "optim.batch_size=64"],
+        ["optim.batch_size=64 is larger than the 10 training images (data.train_subset=10)", "Lower optim.batch_size"],
+    ),
+    Case(
+        "rerun-of-a-finished-run",
+        ["train", "run.name=done"],
+        ["run.name='done' already finished: MLflow run ", "nothing was started", "run.name=done-2"],
+        finished_run,
+    ),
+    Case(
+        "checkpoint-of-another-config",
+        ["train", "run.name=old", "model.width=16"],
+        ["different config", "model.width: checkpoint 8 vs config 16", "new run with a different run.name"],
+        checkpoint_of_other_config,
+    ),
+    Case(
+        "eval-missing-encoder", ["eval", "linear", "--encoder", "{tmp}/no-such-run"], ["--encoder", "Pass a checkpoint"]
+    ),
     # The stub checkpoint has a config but no weights: a check made after loading the encoder would fail
     # with a KeyError traceback instead, so these also show the check comes before any work (and Ray).
-    Case("eval-unreachable-mlflow", ["eval", "semi", "--ray", "--encoder", "{tmp}/out/ray_results/old",
-                                     "--tracking-uri", "http://127.0.0.1:1"],
-         ["tracking server http://127.0.0.1:1 is unreachable", "byol-ray mlflow-server"], checkpoint_of_other_config),
-    Case("eval-unknown-transfer-dataset", ["eval", "transfer", "--ray", "--encoder", "{tmp}/out/ray_results/old",
-                                           "--dataset", "imagenet21k"],
-         ["unknown transfer dataset 'imagenet21k'", "digits"], checkpoint_of_other_config),
-    Case("eval-unreachable-RAY_ADDRESS", ["eval", "semi", "--ray", "--no-mlflow", "--encoder", "{tmp}/out/ray_results/old"],
-         ["RAY_ADDRESS='127.0.0.1:1' (from the environment) does not answer"], checkpoint_of_other_config,
-         env={"RAY_ADDRESS": "127.0.0.1:1"}, within_s=60),
+    Case(
+        "eval-unreachable-mlflow",
+        ["eval", "semi", "--ray", "--encoder", "{tmp}/out/ray_results/old", "--tracking-uri", "http://127.0.0.1:1"],
+        ["tracking server http://127.0.0.1:1 is unreachable", "byol-ray mlflow-server"],
+        checkpoint_of_other_config,
+    ),
+    Case(
+        "eval-unknown-transfer-dataset",
+        ["eval", "transfer", "--ray", "--encoder", "{tmp}/out/ray_results/old", "--dataset", "imagenet21k"],
+        ["unknown transfer dataset 'imagenet21k'", "digits"],
+        checkpoint_of_other_config,
+    ),
+    Case(
+        "eval-unreachable-RAY_ADDRESS",
+        ["eval", "semi", "--ray", "--no-mlflow", "--encoder", "{tmp}/out/ray_results/old"],
+        ["RAY_ADDRESS='127.0.0.1:1' (from the environment) does not answer"],
+        checkpoint_of_other_config,
+        env={"RAY_ADDRESS": "127.0.0.1:1"},
+        within_s=60,
+    ),
     Case("sweep-unknown-preset", ["sweep", "no-such-preset"], ["unknown sweep preset", "tau"]),
     Case("report-without-a-store", ["report", "tau"], ["there is no MLflow store at", "run.output_dir="]),
-    Case("sweep-malformed-file", ["sweep", "{tmp}/sweep.yaml"], ["sweep.yaml is not valid YAML", "Fix the syntax"],
-         write("sweep.yaml", "variants: [\n")),
+    Case(
+        "sweep-malformed-file",
+        ["sweep", "{tmp}/sweep.yaml"],
+        ["sweep.yaml is not valid YAML", "Fix the syntax"],
+        write("sweep.yaml", "variants: [\n"),
+    ),
     Case("mlflow-server-bad-port", ["mlflow-server", "--port", "70000"], ["not a TCP port", "1-65535"]),
     Case("unknown-command", ["frobnicate"], ["unknown command 'frobnicate'", "Use one of: train", "--help"]),
 ]
@@ -160,8 +237,9 @@ def run_cli(case: Case, tmp: Path, ray_tmp: Path, debug: bool = False) -> subpro
         argv.insert(1, "--debug")
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "", "PYTHONPATH": str(REPO), **case.env}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "byol_ray.cli", *argv], cwd=tmp, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "byol_ray.cli", *argv], cwd=tmp, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def runs(tmp: Path) -> list[tuple[str, str]]:
@@ -176,8 +254,9 @@ def runs(tmp: Path) -> list[tuple[str, str]]:
             return []
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.ray] if c.starts_ray else [])
-                                  for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.id, marks=[pytest.mark.ray] if c.starts_ray else []) for c in CASES]
+)
 def test_bad_input_fails_with_one_clear_paragraph(case: Case, tmp_path: Path, ray_tmp: Path):
     if case.id == "corrupt-idx-file" and not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST not installed")
@@ -191,7 +270,7 @@ def test_bad_input_fails_with_one_clear_paragraph(case: Case, tmp_path: Path, ra
     assert proc.returncode == 2, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     assert "byol-ray: error: " in proc.stderr, out[-3000:]
-    message = proc.stderr[proc.stderr.index("byol-ray: error: "):].strip()
+    message = proc.stderr[proc.stderr.index("byol-ray: error: ") :].strip()
     paragraph = message.split("\n\n")[0]
     assert paragraph == message, message  # one paragraph: no blank line
     for phrase in case.phrases:

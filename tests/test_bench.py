@@ -9,22 +9,33 @@ from __future__ import annotations
 import copy
 import json
 
-from mlflow.tracking import MlflowClient
 import pytest
 import torch
+from helpers import SMALL_MODEL, folder_cfg
+from mlflow.tracking import MlflowClient
 
 from byol_ray.cli.bench import main as bench_main
-from byol_ray.training.bench import Bench, flat_metrics, run_bench
 from byol_ray.config import load_config
 from byol_ray.core.ema import ema_loop_
 from byol_ray.core.engine import cpu_bf16_supported
 from byol_ray.core.model import unwrap
-from helpers import SMALL_MODEL, folder_cfg
+from byol_ray.training.bench import Bench, flat_metrics, run_bench
+
 
 def fmnist_cfg(root, tmp_path, *extra):
-    return load_config("experiments/fmnist.yaml", SMALL_MODEL + [
-        f"data.root={root}", "data.train_subset=256", "optim.batch_size=16", "eval.final=false",
-        f"run.output_dir={tmp_path}", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", *extra])
+    return load_config(
+        "experiments/fmnist.yaml",
+        SMALL_MODEL
+        + [
+            f"data.root={root}",
+            "data.train_subset=256",
+            "optim.batch_size=16",
+            "eval.final=false",
+            f"run.output_dir={tmp_path}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            *extra,
+        ],
+    )
 
 
 # ---- the benchmark's figures --------------------------------------------------------------------
@@ -32,16 +43,43 @@ def test_bench_json_has_the_documented_figures_and_logs_to_mlflow(tmp_path, fmni
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "bench.json"
     cfg = fmnist_cfg(fmnist_root, tmp_path)
-    argv = ["--config", "experiments/fmnist.yaml", "--repeats", "2", "--warmup", "1", "--json", str(out), "--mlflow",
-            *SMALL_MODEL, f"data.root={fmnist_root}", "data.train_subset=256", "optim.batch_size=16",
-            f"run.output_dir={tmp_path}", f"tracking.tracking_uri={cfg.tracking.tracking_uri}",
-            "optim.time_budget_minutes=0.25", "data.test_subset=128"]
+    argv = [
+        "--config",
+        "experiments/fmnist.yaml",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+        "--mlflow",
+        *SMALL_MODEL,
+        f"data.root={fmnist_root}",
+        "data.train_subset=256",
+        "optim.batch_size=16",
+        f"run.output_dir={tmp_path}",
+        f"tracking.tracking_uri={cfg.tracking.tracking_uri}",
+        "optim.time_budget_minutes=0.25",
+        "data.test_subset=128",
+    ]
     assert bench_main(argv) == 0
     printed = capsys.readouterr().out
     assert "BYOL training step" in printed and "of bare fwd+bwd" in printed
     res = json.loads(out.read_text())
-    assert set(res) >= {"setup", "byol_step", "phases_ms", "bare_fwd_bwd", "byol_over_bare", "flops", "ema",
-                        "augmentation", "input_pipeline", "dispatch", "repeats", "warmup"}
+    assert set(res) >= {
+        "setup",
+        "byol_step",
+        "phases_ms",
+        "bare_fwd_bwd",
+        "byol_over_bare",
+        "flops",
+        "ema",
+        "augmentation",
+        "input_pipeline",
+        "dispatch",
+        "repeats",
+        "warmup",
+    }
     assert res["setup"]["backbone"] == "resnet10" and res["setup"]["batch_size"] == 16
     assert res["setup"]["width"] == 8 and res["setup"]["device"] == "cpu"
     # The main config's run.precision=auto, as the replica resolved it on this CPU.
@@ -86,8 +124,13 @@ def test_bench_json_has_the_documented_figures_and_logs_to_mlflow(tmp_path, fmni
     assert runs[0].data.metrics["byol_over_bare"] == pytest.approx(res["byol_over_bare"])
     assert runs[0].data.metrics["ema/speedup"] == pytest.approx(e["speedup"])
     assert runs[0].info.status == "FINISHED"
-    assert set(flat_metrics(res)) >= {"byol_step/images_per_s", "flops/per_step", "augmentation/speedup",
-                                      "dispatch/step_ops", "dispatch/step_syncs"}
+    assert set(flat_metrics(res)) >= {
+        "byol_step/images_per_s",
+        "flops/per_step",
+        "augmentation/speedup",
+        "dispatch/step_ops",
+        "dispatch/step_syncs",
+    }
 
 
 def test_flop_count_matches_a_hand_count_for_a_linear_pair(tmp_path, fmnist_root):
@@ -127,5 +170,3 @@ def test_stream_bench_measures_the_loader(image_folder, tmp_path):
     res = run_bench(folder_cfg(image_folder, tmp_path, "data.num_workers=1"), repeats=2, warmup=1)
     assert res["input_pipeline"]["kind"] == "stream" and res["input_pipeline"]["images_per_s"] > 0
     assert res["byol_step"]["images_per_s"] > 0
-
-

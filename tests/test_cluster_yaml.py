@@ -26,8 +26,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
-COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-                "head_start_ray_commands", "worker_start_ray_commands")
+COMMAND_KEYS = (
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+)
 GPU_INSTANCE_FAMILIES = re.compile(r"^(g\d|p\d|inf\d|trn\d|dl\d|f\d)", re.I)
 
 
@@ -66,13 +72,19 @@ def prepared(raw) -> dict:
 
 def _gpu_types(cfg: dict) -> dict[str, dict]:
     head = cfg["head_node_type"]
-    return {name: t for name, t in cfg["available_node_types"].items()
-            if name != head and t.get("resources", {}).get("GPU", 0) >= 1}
+    return {
+        name: t
+        for name, t in cfg["available_node_types"].items()
+        if name != head and t.get("resources", {}).get("GPU", 0) >= 1
+    }
 
 
 def _spot_gpu_types(cfg: dict) -> dict[str, dict]:
-    return {name: t for name, t in _gpu_types(cfg).items()
-            if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"}
+    return {
+        name: t
+        for name, t in _gpu_types(cfg).items()
+        if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    }
 
 
 def _all_commands(cfg: dict) -> list[str]:
@@ -192,10 +204,13 @@ def test_imagenet_experiment_fits_the_gpu_workers(config):
     overrides docs/operations.md passes are accepted by the project's own config loader."""
     from byol_ray.config import load_config
 
-    cfg = load_config(REPO / "experiments" / "imagenet_resnet50.yaml", [
-        "run.storage_path=s3://my-bucket/byol-ray/ray_results",
-        "tracking.tracking_uri=http://10.0.1.23:5000",
-    ])
+    cfg = load_config(
+        REPO / "experiments" / "imagenet_resnet50.yaml",
+        [
+            "run.storage_path=s3://my-bucket/byol-ray/ray_results",
+            "tracking.tracking_uri=http://10.0.1.23:5000",
+        ],
+    )
     spot = next(iter(_spot_gpu_types(config).values()))
     assert cfg.run.cpus_per_worker <= spot["resources"]["CPU"]
     assert max(cfg.run.gpus_per_worker, 1.0) <= spot["resources"]["GPU"]
@@ -206,8 +221,13 @@ def test_imagenet_experiment_fits_the_gpu_workers(config):
 def test_no_credentials_in_file(text, config):
     assert not re.search(r"AKIA[0-9A-Z]{16}", text), "an AWS access key id"
     assert not re.search(r"ASIA[0-9A-Z]{16}", text), "an AWS temporary access key id"
-    for needle in ("aws_secret_access_key", "aws_session_token", "password=", "BEGIN RSA PRIVATE KEY",
-                   "BEGIN OPENSSH PRIVATE KEY"):
+    for needle in (
+        "aws_secret_access_key",
+        "aws_session_token",
+        "password=",
+        "BEGIN RSA PRIVATE KEY",
+        "BEGIN OPENSSH PRIVATE KEY",
+    ):
         assert needle.lower() not in text.lower(), needle
     assert "aws_credentials" not in config["provider"], "use IAM instance profiles, not provider.aws_credentials"
     assert "ssh_private_key" not in config.get("auth", {}) or not Path(config["auth"]["ssh_private_key"]).is_absolute()
@@ -247,14 +267,13 @@ def test_dashboard_bound_to_localhost(config):
 
 
 def test_package_and_pins_installed_on_every_node(prepared):
-    pins = set(re.findall(r'"?(torch(?:vision)?==[\d.]+)"?',
-                          (REPO / "scripts" / "setup.sh").read_text()))
+    pins = set(re.findall(r'"?(torch(?:vision)?==[\d.]+)"?', (REPO / "scripts" / "setup.sh").read_text()))
     assert pins == {"torch==2.14.1", "torchvision==0.29.1"}, "scripts/setup.sh pins moved: update cluster.yaml"
     for side in ("head_setup_commands", "worker_setup_commands"):
         pip_args = [shlex.split(c) for c in prepared[side] if c.lstrip().startswith("pip install")]
         flat = [a for argv in pip_args for a in argv]
         assert pins <= set(flat), f"{side}: torch pins missing"
-        assert any(argv[i:i + 2] == ["-e", "~/byol-ray"] for argv in pip_args for i in range(len(argv))), side
+        assert any(argv[i : i + 2] == ["-e", "~/byol-ray"] for argv in pip_args for i in range(len(argv))), side
         assert any(a.startswith("mlflow") for a in flat), side
     assert prepared["file_mounts"] == {"~/byol-ray": "."}
     assert (REPO / "pyproject.toml").is_file()
@@ -295,8 +314,13 @@ def test_node_environment(config, tmp_path):
         rc = (home / ".bashrc").read_text()
         assert rc.count("MLFLOW_TRACKING_URI=") == 1 and rc.count("BYOL_BUCKET=") == 1, rc
         assert "export KEEP=1" in rc
-        out = subprocess.run(["bash", "-c", ". ~/.bashrc; echo $BYOL_STORAGE_PATH; echo $MLFLOW_TRACKING_URI"],
-                             env={**base, "HOME": str(home)}, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["bash", "-c", ". ~/.bashrc; echo $BYOL_STORAGE_PATH; echo $MLFLOW_TRACKING_URI"],
+            env={**base, "HOME": str(home)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         storage, uri = out.stdout.split()
         assert storage == "s3://REPLACE_ME_BUCKET/byol-ray/ray_results"
         if role == "worker":
@@ -308,8 +332,9 @@ def test_node_environment(config, tmp_path):
 def test_head_refuses_the_bucket_placeholder(config, tmp_path):
     guard = next(c for c in config["head_setup_commands"] if "REPLACE_ME_BUCKET" in c and "exit 1" in c)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
-    r = subprocess.run(["bash", "-c", guard], env={**env, "BYOL_BUCKET": "REPLACE_ME_BUCKET"},
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["bash", "-c", guard], env={**env, "BYOL_BUCKET": "REPLACE_ME_BUCKET"}, capture_output=True, text=True
+    )
     assert r.returncode == 1 and "REPLACE_ME_BUCKET" in r.stderr
     r = subprocess.run(["bash", "-c", guard], env={**env, "BYOL_BUCKET": "my-team-byol"})
     assert r.returncode == 0

@@ -108,7 +108,8 @@ augment:
 
 
 @pytest.mark.parametrize(
-    "text, expected", [("true", True), ("false", False), ("True", True), ("no", False), ("yes", True)])
+    "text, expected", [("true", True), ("false", False), ("True", True), ("no", False), ("yes", True)]
+)
 def test_bool_override_parsing(text, expected):
     assert load_config(overrides=[f"model.use_predictor={text}"]).model.use_predictor is expected
 
@@ -226,15 +227,22 @@ ERRORS = [
     ("crop-low>high", "override", ["augment.view1.crop_scale=[0.9,0.2]"], "augment.view1.crop_scale"),
     ("crop-high>1", "override", ["augment.view2.crop_scale=[0.2,1.5]"], "augment.view2.crop_scale"),
     ("ratio-low>high", "override", ["augment.view1.crop_ratio=[1.5,0.5]"], "augment.view1.crop_ratio"),
-    ("batch-not-divisible-accum", "override", ["optim.batch_size=10", "optim.accumulate_steps=3"],
-     "optim.batch_size"),
+    ("batch-not-divisible-accum", "override", ["optim.batch_size=10", "optim.accumulate_steps=3"], "optim.batch_size"),
     ("batch-not-divisible-workers", "override", ["optim.batch_size=10", "run.num_workers=4"], "optim.batch_size"),
-    ("micro-batch<2", "override", ["optim.batch_size=8", "optim.accumulate_steps=2", "run.num_workers=4"],
-     "optim.batch_size"),
+    (
+        "micro-batch<2",
+        "override",
+        ["optim.batch_size=8", "optim.accumulate_steps=2", "run.num_workers=4"],
+        "optim.batch_size",
+    ),
     ("width-not-multiple-of-4", "override", ["model.width=6"], "model.width"),
     ("bad-run-name", "override", ["run.name=a/b"], "run.name"),
-    ("system-metrics-interval<0.5", "override", ["tracking.system_metrics_interval_s=0"],
-     "tracking.system_metrics_interval_s"),
+    (
+        "system-metrics-interval<0.5",
+        "override",
+        ["tracking.system_metrics_interval_s=0"],
+        "tracking.system_metrics_interval_s",
+    ),
     ("override-without-equals", "override", ["optim.epochs"], "optim.epochs"),
 ]
 
@@ -275,23 +283,33 @@ def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["run.precision=fp16", "run.device=cuda"], "run.precision"),
-    (["data.stream=true"], "data.stream"),  # fashion_mnist is in memory
-    (["data.dataset=folder", "data.stream=true"], "data.stream"),  # final evaluation still on
-    (["data.dataset=folder", "data.stream=true", "eval.final=false", "model.in_channels=1"],
-     "model.in_channels"),  # streamed folders are RGB
-    (["run.compile=true", "run.compile_mode=everything"], "run.compile_mode"),
-    (["run.compile=true", "run.compile_mode=graph", "run.device=cpu"], "run.compile_mode"),  # CUDA graphs
-    (["run.compile=true", "run.compile_mode=step", "run.device=cuda", "run.num_workers=2"],
-     "run.compile_mode"),  # one process's step, no DDP
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["run.precision=fp16", "run.device=cuda"], "run.precision"),
+        (["data.stream=true"], "data.stream"),  # fashion_mnist is in memory
+        (["data.dataset=folder", "data.stream=true"], "data.stream"),  # final evaluation still on
+        (
+            ["data.dataset=folder", "data.stream=true", "eval.final=false", "model.in_channels=1"],
+            "model.in_channels",
+        ),  # streamed folders are RGB
+        (["run.compile=true", "run.compile_mode=everything"], "run.compile_mode"),
+        (["run.compile=true", "run.compile_mode=graph", "run.device=cpu"], "run.compile_mode"),  # CUDA graphs
+        (
+            ["run.compile=true", "run.compile_mode=step", "run.device=cuda", "run.num_workers=2"],
+            "run.compile_mode",
+        ),  # one process's step, no DDP
+    ],
+)
 def test_gpu_and_stream_options_are_validated(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, overrides)
     cfg = load_config(None, ["run.precision=bf16", "run.device=cuda", "run.compile=true"])
     assert cfg.run.precision == "bf16" and cfg.run.compile and cfg.run.compile_mode == "networks"
     for mode in ("graph", "step"):
-        assert load_config(None, ["run.compile=true", f"run.compile_mode={mode}", "run.device=cuda"]).run.compile_mode == mode
+        assert (
+            load_config(None, ["run.compile=true", f"run.compile_mode={mode}", "run.device=cuda"]).run.compile_mode
+            == mode
+        )
     # The mode only matters with run.compile=true.
     assert not load_config(None, ["run.compile_mode=graph", "run.device=cpu"]).run.compile

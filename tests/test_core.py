@@ -17,12 +17,12 @@ from torch import nn
 
 from byol_ray.config import Config, ModelConfig, OptimConfig
 from byol_ray.core.ema import EMA, ema_loop_, tau_at
-from byol_ray.eval.scoring import knn_accuracy, linear_probe, topk_accuracy
-from byol_ray.training.loop import pretrain
 from byol_ray.core.loss import byol_loss, regression_loss
 from byol_ray.core.model import OnlineNetwork, ResNetEncoder, make_target, mlp, two_view_forward
 from byol_ray.core.optim import LARS, param_groups, peak_lr
 from byol_ray.core.schedules import warmup_cosine
+from byol_ray.eval.scoring import knn_accuracy, linear_probe, topk_accuracy
+from byol_ray.training.loop import pretrain
 from byol_ray.training.session import LocalSession
 
 
@@ -72,7 +72,8 @@ def test_byol_loss_is_the_sum_of_both_directions():
     # The pairing matters: q1 matches z2 exactly and q2 opposes z1 -> 0 + 4.
     assert byol_loss(q1, -z1, z1, 3 * q1).item() == pytest.approx(4.0, abs=1e-9)
     assert byol_loss(q1, q2, q2, q1).item() == pytest.approx(
-        regression_loss(q1, q1).item() + regression_loss(q2, q2).item(), abs=1e-12)
+        regression_loss(q1, q1).item() + regression_loss(q2, q2).item(), abs=1e-12
+    )
 
 
 def test_loss_is_scale_invariant_and_bounded():
@@ -81,7 +82,8 @@ def test_loss_is_scale_invariant_and_bounded():
     ref = regression_loss(p, z).item()
     assert regression_loss(7.5 * p, 0.01 * z).item() == pytest.approx(ref, abs=1e-12)
     assert regression_loss(p * torch.tensor([[3.0], [0.2]], dtype=torch.float64), z).item() == pytest.approx(
-        ref, abs=1e-12)  # per-row scales too
+        ref, abs=1e-12
+    )  # per-row scales too
     assert regression_loss(p, p * 4).item() == pytest.approx(0.0, abs=1e-12)  # identical directions
     assert regression_loss(p, -0.5 * p).item() == pytest.approx(4.0, abs=1e-12)  # opposite directions
     orth = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 5.0]])
@@ -274,13 +276,21 @@ def test_lars_step_numerics():
     g0 = gen(11)
     w0 = torch.randn(4, 3, generator=g0, dtype=torch.float64)
     b0 = torch.randn(4, generator=g0, dtype=torch.float64)
-    grads = [(torch.randn(4, 3, generator=g0, dtype=torch.float64), torch.randn(4, generator=g0, dtype=torch.float64))
-             for _ in range(2)]
+    grads = [
+        (torch.randn(4, 3, generator=g0, dtype=torch.float64), torch.randn(4, generator=g0, dtype=torch.float64))
+        for _ in range(2)
+    ]
     w = nn.Parameter(w0.clone())
     b = nn.Parameter(b0.clone())
-    opt = LARS([{"params": [w], "weight_decay": wd, "lars_adapt": True},
-                {"params": [b], "weight_decay": 0.0, "lars_adapt": False}],
-               lr=lr, momentum=mom, trust_coefficient=eta)
+    opt = LARS(
+        [
+            {"params": [w], "weight_decay": wd, "lars_adapt": True},
+            {"params": [b], "weight_decay": 0.0, "lars_adapt": False},
+        ],
+        lr=lr,
+        momentum=mom,
+        trust_coefficient=eta,
+    )
 
     def norm(t: torch.Tensor) -> float:
         return math.sqrt(sum(x * x for x in t.flatten().tolist()))
@@ -309,8 +319,10 @@ def _shapes(m: nn.Module) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in m.state_dict().items() if not k.startswith("fc.")}
 
 
-@pytest.mark.parametrize("backbone, ctor, dim", [("resnet18", torchvision.models.resnet18, 512),
-                                                 ("resnet50", torchvision.models.resnet50, 2048)])
+@pytest.mark.parametrize(
+    "backbone, ctor, dim",
+    [("resnet18", torchvision.models.resnet18, 512), ("resnet50", torchvision.models.resnet50, 2048)],
+)
 def test_encoder_matches_torchvision(backbone, ctor, dim):
     enc = ResNetEncoder(backbone, in_channels=3, stem="imagenet", width=64)
     assert _shapes(enc) == _shapes(ctor())
@@ -449,14 +461,16 @@ def test_separate_view_forward_changes_batchnorm_statistics():
 
 # ---- a short real pretraining run ---------------------------------------------------------------
 def _fmnist_cfg(root: str, **model) -> Config:
-    return Config.from_dict({
-        "data": {"root": root, "train_subset": 2048, "test_subset": 1000},
-        "model": {"width": 8, "projector_hidden": 256, "predictor_hidden": 256, **model},
-        "optim": {"epochs": 4, "batch_size": 128, "steps_per_epoch": 8, "warmup_epochs": 1, "base_lr": 0.5},
-        "eval": {"baselines": False, "knn_k": 20, "linear_epochs": 30},
-        "run": {"torch_threads": 1, "log_every": 100, "seed": 0},
-        "tracking": {"enabled": False},
-    })
+    return Config.from_dict(
+        {
+            "data": {"root": root, "train_subset": 2048, "test_subset": 1000},
+            "model": {"width": 8, "projector_hidden": 256, "predictor_hidden": 256, **model},
+            "optim": {"epochs": 4, "batch_size": 128, "steps_per_epoch": 8, "warmup_epochs": 1, "base_lr": 0.5},
+            "eval": {"baselines": False, "knn_k": 20, "linear_epochs": 30},
+            "run": {"torch_threads": 1, "log_every": 100, "seed": 0},
+            "tracking": {"enabled": False},
+        }
+    )
 
 
 def test_short_pretraining_on_fashion_mnist(tmp_path, fmnist_root):
@@ -482,7 +496,8 @@ def test_short_pretraining_on_fashion_mnist(tmp_path, fmnist_root):
 
     # Without the predictor and with tau = 0 (target = online), the representation collapses quickly.
     cfg0 = _fmnist_cfg(fmnist_root, use_predictor=False).replace(
-        {"optim.tau_base": 0.0, "optim.tau_schedule": "constant"})
+        {"optim.tau_base": 0.0, "optim.tau_schedule": "constant"}
+    )
     s0 = LocalSession(tmp_path / "collapse", keep=1)
     pretrain(cfg0, s0)
     std0 = s0.reports[-1]["repr_std"]
@@ -525,16 +540,20 @@ def test_knn_accuracy_clusters_and_shuffled_labels():
     acc = knn_accuracy(xtr, ytr_rand, xte, yte, k=20, temperature=0.1, chunk=64)
     assert acc < 40.0
     # k larger than the train set is clamped, chunking does not change the result.
-    assert knn_accuracy(xtr[:30], ytr[:30], xte, yte, k=500) == knn_accuracy(xtr[:30], ytr[:30], xte, yte, k=30, chunk=7)
+    assert knn_accuracy(xtr[:30], ytr[:30], xte, yte, k=500) == knn_accuracy(
+        xtr[:30], ytr[:30], xte, yte, k=30, chunk=7
+    )
 
 
 def test_topk_accuracy_hand_made():
-    logits = torch.tensor([
-        [0.9, 0.05, 0.05],  # label 0: top-1 hit
-        [0.1, 0.3, 0.6],  # label 1: second -> top-2 hit
-        [0.2, 0.7, 0.1],  # label 2: last -> miss even in top-2
-        [0.0, 0.4, 0.5],  # label 2: top-1 hit
-    ])
+    logits = torch.tensor(
+        [
+            [0.9, 0.05, 0.05],  # label 0: top-1 hit
+            [0.1, 0.3, 0.6],  # label 1: second -> top-2 hit
+            [0.2, 0.7, 0.1],  # label 2: last -> miss even in top-2
+            [0.0, 0.4, 0.5],  # label 2: top-1 hit
+        ]
+    )
     labels = torch.tensor([0, 1, 2, 2])
     assert topk_accuracy(logits, labels, 1) == pytest.approx(50.0)
     assert topk_accuracy(logits, labels, 2) == pytest.approx(75.0)
@@ -546,10 +565,12 @@ def test_gradient_accumulation_takes_one_optimizer_and_one_ema_step():
     """Two micro-batches make one step: the target moves once, tau*xi + (1-tau)*theta_after."""
     from byol_ray.core.engine import InputSpec, Pretrainer
 
-    cfg = Config.from_dict({
-        "model": {"width": 8, "projector_hidden": 32, "predictor_hidden": 32, "projector_out": 16},
-        "optim": {"batch_size": 16, "accumulate_steps": 2, "tau_base": 0.9, "epochs": 10},
-    })
+    cfg = Config.from_dict(
+        {
+            "model": {"width": 8, "projector_hidden": 32, "predictor_hidden": 32, "projector_out": 16},
+            "optim": {"batch_size": 16, "accumulate_steps": 2, "tau_base": 0.9, "epochs": 10},
+        }
+    )
     p = Pretrainer(cfg, InputSpec(1, 10, (0.5,), (0.25,)), steps_per_epoch=5, device=torch.device("cpu"))
     p.start_epoch(0)
     before = {k: v.clone() for k, v in p.target.state_dict().items()}
@@ -568,8 +589,12 @@ def test_bf16_on_cpu_autocasts_the_forward_where_the_cpu_has_it_and_is_refused_e
     from byol_ray.config import ConfigError
     from byol_ray.core.engine import InputSpec, Pretrainer, cpu_bf16_supported
 
-    cfg = Config.from_dict({"model": {"width": 8, "projector_hidden": 32, "predictor_hidden": 32},
-                            "run": {"device": "cpu", "precision": "bf16"}})
+    cfg = Config.from_dict(
+        {
+            "model": {"width": 8, "projector_hidden": 32, "predictor_hidden": 32},
+            "run": {"device": "cpu", "precision": "bf16"},
+        }
+    )
     spec = InputSpec(1, 10, (0.5,), (0.25,))
     if not cpu_bf16_supported():
         with pytest.raises(ConfigError, match="run.precision"):
@@ -595,8 +620,12 @@ def test_auto_precision_is_bf16_exactly_where_the_device_runs_it_natively():
     assert resolve_precision("auto", cpu, cpu_bf16=False) == "fp32"  # an AVX2 laptop: no emulated bf16
     for explicit in ("fp32", "bf16"):
         assert resolve_precision(explicit, cpu, cpu_bf16=False) == explicit
-    cfg = Config.from_dict({"model": {"width": 8, "projector_hidden": 32, "predictor_hidden": 32},
-                            "run": {"device": "cpu", "precision": "auto"}})
+    cfg = Config.from_dict(
+        {
+            "model": {"width": 8, "projector_hidden": 32, "predictor_hidden": 32},
+            "run": {"device": "cpu", "precision": "auto"},
+        }
+    )
     p = Pretrainer(cfg, InputSpec(1, 10, (0.5,), (0.25,)), steps_per_epoch=5, device=cpu)
     native = cpu_bf16_supported()
     assert p.precision == ("bf16" if native else "fp32")

@@ -40,13 +40,16 @@ print("trained in", tr.memory_format)
 """
 
 
-@pytest.mark.parametrize("backbone, width, unsafe", [
-    ("resnet18", 4, ["layer2.0.downsample.0"]),  # the 4 -> 8 strided 1x1 shortcut
-    ("resnet34", 4, ["layer2.0.downsample.0"]),
-    ("resnet18", 8, []),
-    ("resnet18", 16, []),
-    ("resnet50", 4, []),  # its shortcuts take 4 x width = 16 channels
-])
+@pytest.mark.parametrize(
+    "backbone, width, unsafe",
+    [
+        ("resnet18", 4, ["layer2.0.downsample.0"]),  # the 4 -> 8 strided 1x1 shortcut
+        ("resnet34", 4, ["layer2.0.downsample.0"]),
+        ("resnet18", 8, []),
+        ("resnet18", 16, []),
+        ("resnet50", 4, []),  # its shortcuts take 4 x width = 16 channels
+    ],
+)
 def test_channels_last_on_cpu_only_where_onednn_is_safe(backbone, width, unsafe):
     enc = ResNetEncoder(backbone, in_channels=1, stem="small_pool", width=width)
     assert nhwc_unsafe_convs(enc) == unsafe

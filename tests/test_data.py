@@ -189,8 +189,17 @@ def _check_pixels(images, first, side, pixel_at):
     assert images.dtype == torch.uint8 and images.shape[1:] == (3, side, side) and images.is_contiguous()
     e = side - 1
     for n in range(len(images)):
-        for c, y, x in [(0, 0, 0), (1, 0, 0), (2, 0, 0), (0, 0, 1), (0, 1, 0), (0, 0, e), (0, e, 0), (2, e, e),
-                        (1, 5, 17)]:
+        for c, y, x in [
+            (0, 0, 0),
+            (1, 0, 0),
+            (2, 0, 0),
+            (0, 0, 1),
+            (0, 1, 0),
+            (0, 0, e),
+            (0, e, 0),
+            (2, e, e),
+            (1, 5, 17),
+        ]:
             assert images[n, c, y, x].item() == pixel_at(first + n, c, y, x), (n, c, y, x)
 
 

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from byol_ray.cli import eval as eval_cli
-from byol_ray.eval import encoders as encoder_source
-from byol_ray.core.state import load_state
 from byol_ray.config import Config, DataConfig
+from byol_ray.core.model import build_encoder
+from byol_ray.core.state import load_state
 from byol_ray.data.readers import ImageData, load_split
+from byol_ray.data.transfer import adapt, load_digits_splits
 from byol_ray.errors import UserError
-from byol_ray.eval.scoring import extract_features
+from byol_ray.eval import encoders as encoder_source
 from byol_ray.eval.finetune import FinetuneOptions, balanced_subset, finetune, finetune_and_score
 from byol_ray.eval.linear import PAPER_WEIGHT_DECAYS, FeatureSplit, linear_eval, regularised_linear_eval
-from byol_ray.core.model import build_encoder
-from byol_ray.data.transfer import adapt, load_digits_splits
+from byol_ray.eval.scoring import extract_features
 
 TINY_MODEL = {"width": 8, "projector_hidden": 64, "predictor_hidden": 64, "projector_out": 32}
 
@@ -61,8 +61,9 @@ def test_linear_eval_of_labels_plus_noise_scores_the_bayes_rate():
     assert out["top5"] >= out["top1"]
     assert set(out["val_top1"]) == {0.01, 0.1} and out["lr"] in (0.01, 0.1)
     # Pure noise features: chance level.
-    noise = linear_eval(FeatureSplit(torch.randn(4000, 10), ytr, torch.randn(4000, 10), yte), lrs=(0.1,), epochs=5,
-                        log=lambda s: None)
+    noise = linear_eval(
+        FeatureSplit(torch.randn(4000, 10), ytr, torch.randn(4000, 10), yte), lrs=(0.1,), epochs=5, log=lambda s: None
+    )
     assert noise["top1"] < 15
 
 
@@ -102,21 +103,48 @@ def test_finetuning_changes_the_encoder_and_linear_evaluation_does_not(fmnist_ro
     mean, std = [0.29], [0.35]
 
     feats = extract_features(enc, data.images, 28, mean, std, 128)
-    linear_eval(FeatureSplit(feats[:200], data.labels[:200], feats[200:], data.labels[200:]), lrs=(0.1,), epochs=2,
-                log=lambda s: None)
+    linear_eval(
+        FeatureSplit(feats[:200], data.labels[:200], feats[200:], data.labels[200:]),
+        lrs=(0.1,),
+        epochs=2,
+        log=lambda s: None,
+    )
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # BN buffers included
 
     # finetune_and_score fine-tunes copies: the encoder passed in (BYOL's, reused per fraction) is intact.
-    r = finetune_and_score(lambda: copy.deepcopy(enc), data.images[:200], data.labels[:200], data.images[200:],
-                           data.labels[200:], 10, 28, mean, std, lrs=[0.05], steps=3, options=FinetuneOptions(batch_size=32),
-                           log=lambda s: None)
+    r = finetune_and_score(
+        lambda: copy.deepcopy(enc),
+        data.images[:200],
+        data.labels[:200],
+        data.images[200:],
+        data.labels[200:],
+        10,
+        28,
+        mean,
+        std,
+        lrs=[0.05],
+        steps=3,
+        options=FinetuneOptions(batch_size=32),
+        log=lambda s: None,
+    )
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
     tuned = r["model"][0].state_dict()
     changed = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], tuned[k])]
     assert "conv1.weight" in changed and any("running_mean" in k for k in changed)
 
-    model = finetune(enc, 10, data.images[:64], data.labels[:64], 28, mean, std, lr=0.05, steps=2,
-                     options=FinetuneOptions(batch_size=32), log=lambda s: None)
+    model = finetune(
+        enc,
+        10,
+        data.images[:64],
+        data.labels[:64],
+        28,
+        mean,
+        std,
+        lr=0.05,
+        steps=2,
+        options=FinetuneOptions(batch_size=32),
+        log=lambda s: None,
+    )
     assert model[0] is enc and not torch.equal(before["conv1.weight"], enc.conv1.weight)
 
 
@@ -134,9 +162,15 @@ def test_digits_and_channel_resolution_adaptation():
     rgb, notes = adapt(train, channels=3, size=8)
     assert rgb.images.shape[1:] == (3, 8, 8) and torch.equal(rgb.images[:, 0], rgb.images[:, 2])
     assert "repeated" in notes[0]
-    colour = ImageData(torch.stack([torch.full((4, 4), 200), torch.zeros(4, 4), torch.zeros(4, 4)])
-                       .to(torch.uint8)[None].repeat(2, 1, 1, 1).contiguous(), torch.zeros(2, dtype=torch.int64),
-                       ["a"], "toy/train")
+    colour = ImageData(
+        torch.stack([torch.full((4, 4), 200), torch.zeros(4, 4), torch.zeros(4, 4)])
+        .to(torch.uint8)[None]
+        .repeat(2, 1, 1, 1)
+        .contiguous(),
+        torch.zeros(2, dtype=torch.int64),
+        ["a"],
+        "toy/train",
+    )
     grey, notes = adapt(colour, channels=1, size=4)
     assert grey.images.shape[1] == 1 and int(grey.images[0, 0, 0, 0]) == round(200 * 0.2989)
     assert "averaged" in notes[0]
@@ -145,20 +179,22 @@ def test_digits_and_channel_resolution_adaptation():
 # ---- the command, its MLflow child run --------------------------------------------------------------
 def _pretrained_checkpoint(tmp_path: Path, fmnist_root: str, monkeypatch) -> tuple[Path, str, str]:
     """A real (tiny) pretraining: an MLflow run and the loop's checkpoint under ray_results/<name>."""
+    from byol_ray.tracking.tracker import Tracker
     from byol_ray.training.loop import pretrain
     from byol_ray.training.session import LocalSession
-    from byol_ray.tracking.tracker import Tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = Config.from_dict({
-        "data": {"root": fmnist_root, "train_subset": 1000, "test_subset": 200},
-        "model": TINY_MODEL,
-        "optim": {"epochs": 1, "batch_size": 64, "steps_per_epoch": 2, "warmup_epochs": 0},
-        "eval": {"final": False},
-        "run": {"name": "tiny", "output_dir": str(tmp_path), "cpus_per_worker": 1},
-        "tracking": {"tracking_uri": uri, "experiment": "eval-test"},
-    })
+    cfg = Config.from_dict(
+        {
+            "data": {"root": fmnist_root, "train_subset": 1000, "test_subset": 200},
+            "model": TINY_MODEL,
+            "optim": {"epochs": 1, "batch_size": 64, "steps_per_epoch": 2, "warmup_epochs": 0},
+            "eval": {"final": False},
+            "run": {"name": "tiny", "output_dir": str(tmp_path), "cpus_per_worker": 1},
+            "tracking": {"tracking_uri": uri, "experiment": "eval-test"},
+        }
+    )
     parent = Tracker.start(cfg)
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     parent.log_artifact(tmp_path / "config.json")
@@ -179,9 +215,28 @@ def _child_runs(uri: str, parent: str):
 @pytest.mark.ray
 def test_semi_on_ray_logs_a_child_run_with_recorded_subsets(tmp_path, fmnist_root, monkeypatch):
     run_dir, uri, parent = _pretrained_checkpoint(tmp_path, fmnist_root, monkeypatch)
-    rc = eval_cli.main(["semi", "--encoder", str(run_dir), "--tracking-uri", uri, "--ray", "--cpus", "1",
-                        "--fractions", "0.02,0.04", "--steps", "2", "--batch-size", "16", "--seed", "3",
-                        "--test-subset", "100"])
+    rc = eval_cli.main(
+        [
+            "semi",
+            "--encoder",
+            str(run_dir),
+            "--tracking-uri",
+            uri,
+            "--ray",
+            "--cpus",
+            "1",
+            "--fractions",
+            "0.02,0.04",
+            "--steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--seed",
+            "3",
+            "--test-subset",
+            "100",
+        ]
+    )
     assert rc == 0
     client, runs = _child_runs(uri, parent)
     assert len(runs) == 1
@@ -215,9 +270,27 @@ def test_transfer_from_an_mlflow_model_uri(tmp_path, fmnist_root, monkeypatch):
     assert ch == channels == 1
     assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in loaded.state_dict().items())
 
-    rc = eval_cli.main(["transfer", "--encoder", f"runs:/{parent}/encoder", "--tracking-uri", uri,
-                        "--output-dir", str(tmp_path), "--dataset", "digits", "--weight-decays", "1e-4,1e-2",
-                        "--train-subset", "300", "--test-subset", "200", "--splits", "2"])
+    rc = eval_cli.main(
+        [
+            "transfer",
+            "--encoder",
+            f"runs:/{parent}/encoder",
+            "--tracking-uri",
+            uri,
+            "--output-dir",
+            str(tmp_path),
+            "--dataset",
+            "digits",
+            "--weight-decays",
+            "1e-4,1e-2",
+            "--train-subset",
+            "300",
+            "--test-subset",
+            "200",
+            "--splits",
+            "2",
+        ]
+    )
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert rc == 0
     _, runs = _child_runs(uri, parent)
@@ -230,7 +303,9 @@ def test_transfer_from_an_mlflow_model_uri(tmp_path, fmnist_root, monkeypatch):
     assert "L-BFGS" in md and "penalty picked from 2 values 0.0001..0.01" in md
     params = runs[0].data.params
     assert {k for k in params if k.endswith("digits.split1")} == {
-        "evaluation.weight_decay.byol.digits.split1", "evaluation.weight_decay.untrained_encoder.digits.split1"}
+        "evaluation.weight_decay.byol.digits.split1",
+        "evaluation.weight_decay.untrained_encoder.digits.split1",
+    }
     assert params["evaluation.weight_decay.byol.digits.split1"] in ("0.0001", "0.01")
     assert params["evaluation.solver"] == "lbfgs" and float(params["evaluation.paired_diff_stderr.digits"]) >= 0
 

@@ -38,8 +38,9 @@ def small_cfg(**over) -> Config:
 
 def make_trainer(cfg: Config, channels: int = 1, steps_per_epoch: int = 8) -> Pretrainer:
     mean, std = (0.3,) * channels, (0.35,) * channels
-    return Pretrainer(cfg, InputSpec(channels, 10, mean, std), steps_per_epoch=steps_per_epoch,
-                      device=torch.device("cpu"))
+    return Pretrainer(
+        cfg, InputSpec(channels, 10, mean, std), steps_per_epoch=steps_per_epoch, device=torch.device("cpu")
+    )
 
 
 def batches(n: int, batch: int = 16, channels: int = 1, seed: int = 0, unlabelled: bool = False):
@@ -60,9 +61,16 @@ def test_the_counter_sees_every_kind_of_host_sync():
     with DispatchCounter() as c:
         y = x * 2 + 1
     assert c.ops == 2 and c.syncs == 0
-    for read in (lambda: y.sum().item(), lambda: bool(y[0] > 0), lambda: y[y > 3],
-                 lambda: torch.nonzero(y), lambda: to_host(y), lambda: float(y.max()),
-                 lambda: y[[0, 2]], lambda: y * torch.tensor([2.0])):  # tensors from Python data
+    for read in (
+        lambda: y.sum().item(),
+        lambda: bool(y[0] > 0),
+        lambda: y[y > 3],
+        lambda: torch.nonzero(y),
+        lambda: to_host(y),
+        lambda: float(y.max()),
+        lambda: y[[0, 2]],
+        lambda: y * torch.tensor([2.0]),
+    ):  # tensors from Python data
         with DispatchCounter() as c:
             read()
         assert c.syncs == 1, c.sync_by_op
@@ -76,15 +84,18 @@ def test_the_counter_sees_every_kind_of_host_sync():
 
 
 # ---- the step -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("channels, accumulate, unlabelled, precision",
-                         [(1, 1, False, "fp32"), (3, 2, True, "fp32"), (1, 1, False, "auto")])
+@pytest.mark.parametrize(
+    "channels, accumulate, unlabelled, precision", [(1, 1, False, "fp32"), (3, 2, True, "fp32"), (1, 1, False, "auto")]
+)
 def test_train_steps_between_log_points_make_no_host_sync(channels, accumulate, unlabelled, precision):
     # "auto" is bf16 autocast on a CPU with native bf16: its casts stay on the CPU and read nothing back.
     cfg = small_cfg(**{"optim.accumulate_steps": accumulate, "optim.grad_clip": 1.0, "run.precision": precision})
     tr = make_trainer(cfg, channels)
     tr.start_epoch(0)
-    steps = [[(x[i::accumulate], y[i::accumulate]) for x, y in micro for i in range(accumulate)]
-             for micro in batches(4, channels=channels, unlabelled=unlabelled)]
+    steps = [
+        [(x[i::accumulate], y[i::accumulate]) for x, y in micro for i in range(accumulate)]
+        for micro in batches(4, channels=channels, unlabelled=unlabelled)
+    ]
     tr.train_step(steps[0])  # optimiser state and the views' constants are made on the first step
     with DispatchCounter() as c:
         for micro in steps[1:]:
@@ -188,8 +199,13 @@ def test_lars_with_a_device_lr_tensor_equals_a_python_lr():
         w = nn.Parameter(torch.randn(5, 4, generator=g))
         b = nn.Parameter(torch.randn(5, generator=g))
         z = nn.Parameter(torch.zeros(3, 3))  # a zero weight: trust ratio 1, not 0/0
-        opt = LARS([{"params": [w, z], "weight_decay": 0.01, "lars_adapt": True},
-                    {"params": [b], "weight_decay": 0.0, "lars_adapt": False}], lr=lr)
+        opt = LARS(
+            [
+                {"params": [w, z], "weight_decay": 0.01, "lars_adapt": True},
+                {"params": [b], "weight_decay": 0.0, "lars_adapt": False},
+            ],
+            lr=lr,
+        )
         for _ in range(3):
             w.grad, b.grad, z.grad = torch.randn(5, 4, generator=g), torch.randn(5, generator=g), torch.zeros(3, 3)
             opt.step()

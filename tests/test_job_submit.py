@@ -19,11 +19,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from helpers import TINY, kill_cluster
 
 from byol_ray.core.state import encoder_from_state, latest_checkpoint, load_state
 from byol_ray.tracking.models import load_model_weights
 from byol_ray.tracking.server import free_port
-from helpers import TINY, kill_cluster
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -58,9 +58,19 @@ def head_node():
     """(job API address, the cluster's temp dir). Its own ports, so that it runs beside other clusters."""
     temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")  # short: Ray's unix sockets live under it
     dash = free_port()
-    start = [str(BIN / "ray"), "start", "--head", f"--port={free_port()}", "--num-cpus=4", f"--temp-dir={temp_dir}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={free_port()}",
-             f"--ray-client-server-port={free_port()}", "--disable-usage-stats"]
+    start = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={free_port()}",
+        "--num-cpus=4",
+        f"--temp-dir={temp_dir}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
+        "--disable-usage-stats",
+    ]
     try:
         proc = subprocess.run(start, env=ray_env(), capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -74,9 +84,21 @@ def head_node():
 
 def submit_job(address: str, submission_id: str, entry: list[str]) -> subprocess.CompletedProcess:
     """`ray job submit` of this repository as the working dir; waits for the job and returns its output."""
-    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission_id,
-              "--working-dir", str(REPO),
-              "--runtime-env-json", '{"excludes": [".venv", "outputs", ".git", "mlruns", "*.db"]}', "--", *entry]
+    submit = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        '{"excludes": [".venv", "outputs", ".git", "mlruns", "*.db"]}',
+        "--",
+        *entry,
+    ]
     proc = subprocess.run(submit, env=ray_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -89,10 +111,18 @@ def test_training_submitted_as_a_ray_job_keeps_its_artifacts(head_node, tmp_path
     address, temp_dir = head_node
     out = tmp_path / "out"
     env = ray_env()
-    proc = submit_job(address, "byol-job-test", ["python", "-m", "byol_ray.train", *TINY, "optim.epochs=2",
-                                                 f"run.output_dir={out}", "run.name=job"])
-    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, "byol-job-test"],
-                            env=env, capture_output=True, text=True, timeout=60)
+    proc = submit_job(
+        address,
+        "byol-job-test",
+        ["python", "-m", "byol_ray.train", *TINY, "optim.epochs=2", f"run.output_dir={out}", "run.name=job"],
+    )
+    status = subprocess.run(
+        [str(BIN / "ray"), "job", "status", "--address", address, "byol-job-test"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "byol-job-test' succeeded" in (status.stdout + status.stderr).lower()  # status SUCCEEDED
     assert "[driver] done" in proc.stdout
     uri = f"sqlite:///{out}/mlflow.db"
@@ -105,12 +135,34 @@ def test_training_submitted_as_a_ray_job_keeps_its_artifacts(head_node, tmp_path
 
     # The evaluation of that run as a second job, its protocol in a Ray task on the same cluster: a child
     # run of the pretraining run, in the same store.
-    proc = submit_job(address, "byol-eval-test", [
-        "python", "-m", "byol_ray.cli", "eval", "transfer", "--ray", "--cpus", "1", "--encoder",
-        str(out / "ray_results" / "job"), "--dataset", "digits", "--weight-decays", "1e-3,1",
-        "--train-subset", "300", "--test-subset", "200"])
+    proc = submit_job(
+        address,
+        "byol-eval-test",
+        [
+            "python",
+            "-m",
+            "byol_ray.cli",
+            "eval",
+            "transfer",
+            "--ray",
+            "--cpus",
+            "1",
+            "--encoder",
+            str(out / "ray_results" / "job"),
+            "--dataset",
+            "digits",
+            "--weight-decays",
+            "1e-3,1",
+            "--train-subset",
+            "300",
+            "--test-subset",
+            "200",
+        ],
+    )
     assert "| BYOL - untrained encoder |" in proc.stdout
-    children = mlflow.search_runs(experiment_names=["byol-ray"], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+    children = mlflow.search_runs(
+        experiment_names=["byol-ray"], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'"
+    )
     assert len(children) == 1 and children.iloc[0]["status"] == "FINISHED"
     assert children.iloc[0]["params.evaluation.protocol"] == "transfer"
     assert children.iloc[0]["metrics.byol/digits_linear_top_1"] > 30
@@ -130,8 +182,10 @@ def test_training_submitted_as_a_ray_job_keeps_its_artifacts(head_node, tmp_path
     assert models[0].artifact_location.startswith(f"{out}/mlartifacts/")
     table = Path(client.download_artifacts(run_id, "eval_table.md", str(tmp_path))).read_text()
     assert "| BYOL (online encoder) |" in table
-    assert "| BYOL - untrained encoder |" in Path(client.download_artifacts(children.iloc[0]["run_id"], "eval_transfer.md",
-                                                       str(tmp_path))).read_text()
+    assert (
+        "| BYOL - untrained encoder |"
+        in Path(client.download_artifacts(children.iloc[0]["run_id"], "eval_transfer.md", str(tmp_path))).read_text()
+    )
     # The logged encoder is the final checkpoint's.
     weights = load_model_weights(f"models:/{models[0].model_id}", uri)
     final = encoder_from_state(load_state(latest_checkpoint(out / "ray_results" / "job"))).state_dict()
@@ -145,13 +199,23 @@ def test_rerunning_the_command_resumes_a_run_whose_driver_died(tmp_path):
     import signal
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "byol_ray.train", *TINY, "optim.epochs=8", "run.num_workers=1",
-           f"run.output_dir={out}", "run.name=phoenix", "tracking.log_model=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "byol_ray.train",
+        *TINY,
+        "optim.epochs=8",
+        "run.num_workers=1",
+        f"run.output_dir={out}",
+        "run.name=phoenix",
+        "tracking.log_model=false",
+    ]
     ray_tmp = tempfile.mkdtemp(prefix="rph", dir="/tmp")  # this test's local Ray, ended by its processes
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp}
     env.pop("MLFLOW_TRACKING_URI", None)
-    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     # Ray Train writes this snapshot once its controller has registered a reported checkpoint; a new
     # driver with the same run name restores from it.

@@ -27,8 +27,14 @@ def test_a_local_ray_runs_its_workers_at_normal_priority(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_worker_niceness", "RAY_ADDRESS")}
 
     def niceness(how: str) -> int:
-        out = subprocess.run([sys.executable, "-c", NICENESS_OF_A_WORKER, how], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", NICENESS_OF_A_WORKER, how],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         line = [ln for ln in out.stdout.splitlines() if ln.startswith("niceness")]
         assert line, out.stderr[-2000:]
         return int(line[0].split()[1])

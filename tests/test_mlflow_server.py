@@ -16,15 +16,18 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import TINY
 
 from byol_ray.config import load_config
 from byol_ray.tracking.server import MlflowServer, free_port, healthy, port_in_use
 from byol_ray.tracking.tracker import Tracker, deliver_undelivered, undelivered_path, worker_tracker
-from helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-SECRETS = {"AWS_SECRET_ACCESS_KEY": "aws-secret-4f9d1c", "MLFLOW_TRACKING_PASSWORD": "mlflow-pw-8e2b7a",
-           "MLFLOW_TRACKING_TOKEN": "mlflow-token-3c5e0f"}
+SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-4f9d1c",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-pw-8e2b7a",
+    "MLFLOW_TRACKING_TOKEN": "mlflow-token-3c5e0f",
+}
 URI_PASSWORD = "uri-pw-77d3e1"
 
 
@@ -64,9 +67,23 @@ def steps(uri: str, run_id: str, key: str = "loss") -> list[int]:
 def test_cli_serves_on_localhost_and_stops_with_its_workers(tmp_path):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "byol_ray.cli", "mlflow-server", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/m.db", "--artifacts-destination", str(tmp_path / "art")],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "byol_ray.cli",
+            "mlflow-server",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/m.db",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         banner = ""
         while "[mlflow-server]" not in banner:  # printed once /health answers, after MLflow's own lines
@@ -171,8 +188,17 @@ def test_training_over_http_is_read_back_and_holds_no_secret(server, ray_local, 
 
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRETS["AWS_SECRET_ACCESS_KEY"]
     uri = server.url.replace("http://", f"http://byol:{URI_PASSWORD}@")
-    cfg = load_config(None, TINY + ["optim.epochs=2", f"run.output_dir={tmp_path}", "run.name=http",
-                                    f"tracking.tracking_uri={uri}", "tracking.log_model=false"])
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            "optim.epochs=2",
+            f"run.output_dir={tmp_path}",
+            "run.name=http",
+            f"tracking.tracking_uri={uri}",
+            "tracking.log_model=false",
+        ],
+    )
     out = run_training(cfg)
     mlflow.set_tracking_uri(server.url)
     runs = mlflow.search_runs(experiment_names=["byol-ray"], filter_string="tags.`byol_ray.run_name` = 'http'")
@@ -186,8 +212,9 @@ def test_training_over_http_is_read_back_and_holds_no_secret(server, ray_local, 
     client = mlflow.tracking.MlflowClient(server.url)
     names = {a.path for a in client.list_artifacts(out["run_id"])}
     assert {"config.json", "eval_table.md", "eval_table.csv"} <= names
-    stored = "".join(p.read_text(errors="replace") for p in Path(server.artifacts_destination).rglob("*")
-                     if p.is_file())
+    stored = "".join(
+        p.read_text(errors="replace") for p in Path(server.artifacts_destination).rglob("*") if p.is_file()
+    )
     assert '"tracking_uri"' in stored  # the config is there ...
     # ... and no secret is, in params, tags, artifacts or the local config copy.
     params_tags = json.dumps({**client.get_run(out["run_id"]).data.params, **client.get_run(out["run_id"]).data.tags})
@@ -203,8 +230,17 @@ def test_server_outage_mid_run_loses_no_metric(server, ray_local, tmp_path):
     two epochs were queued: every epoch's metrics end up in MLflow, and the run finishes."""
     from byol_ray.distributed.driver import run_training
 
-    cfg = load_config(None, TINY + ["optim.epochs=5", f"run.output_dir={tmp_path}", "run.name=outage",
-                                    f"tracking.tracking_uri={server.url}", "tracking.log_model=false"])
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            "optim.epochs=5",
+            f"run.output_dir={tmp_path}",
+            "run.name=outage",
+            f"tracking.tracking_uri={server.url}",
+            "tracking.log_model=false",
+        ],
+    )
     spool = undelivered_path(cfg)
     result: dict = {}
 
@@ -253,8 +289,9 @@ def test_server_outage_mid_run_loses_no_metric(server, ray_local, tmp_path):
     assert not spool.exists()  # everything delivered, nothing left to report
 
 
-def test_server_down_as_the_run_ends_loses_nothing_and_a_rerun_logs_it(server, ray_local, tmp_path, monkeypatch,
-                                                                        capsys):
+def test_server_down_as_the_run_ends_loses_nothing_and_a_rerun_logs_it(
+    server, ray_local, tmp_path, monkeypatch, capsys
+):
     """The server goes away after the last epoch, as the driver starts logging the run's final results:
     the command fails with one clear paragraph (fast: the driver's marking calls make one short try), the
     run stays unfinished, and rerunning the same command once the server is back logs the results from
@@ -262,8 +299,16 @@ def test_server_down_as_the_run_ends_loses_nothing_and_a_rerun_logs_it(server, r
     from byol_ray.distributed import driver, results
     from byol_ray.tracking.uri import TrackingError
 
-    cfg = load_config(None, TINY + [f"run.output_dir={tmp_path}", "run.name=late", f"tracking.tracking_uri={server.url}",
-                                    "tracking.log_model=false"])
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            f"run.output_dir={tmp_path}",
+            "run.name=late",
+            f"tracking.tracking_uri={server.url}",
+            "tracking.log_model=false",
+        ],
+    )
     real_deliver = results.deliver_undelivered
 
     def server_gone(tracker, path):
@@ -283,8 +328,9 @@ def test_server_down_as_the_run_ends_loses_nothing_and_a_rerun_logs_it(server, r
     assert "training finished and its final checkpoint is saved" in msg and "rerun the same command" in msg
     assert "eval_table.md" in msg
     client = mlflow.tracking.MlflowClient(server.url)
-    run = client.search_runs([client.get_experiment_by_name("byol-ray").experiment_id],
-                             "tags.`byol_ray.run_name` = 'late'")[0]
+    run = client.search_runs(
+        [client.get_experiment_by_name("byol-ray").experiment_id], "tags.`byol_ray.run_name` = 'late'"
+    )[0]
     assert run.info.status == "RUNNING" and run.info.run_id in msg
     assert "eval_table.md" not in {a.path for a in client.list_artifacts(run.info.run_id)}
 
@@ -311,8 +357,12 @@ def test_safe_defaults():
     from byol_ray.cli.mlflow_server import build_parser
 
     package = REPO / "byol_ray"
-    loads = [(p.name, line) for p in package.rglob("*.py") for line in p.read_text().splitlines()
-             if re.search(r"\btorch\.load\(", line)]
+    loads = [
+        (p.name, line)
+        for p in package.rglob("*.py")
+        for line in p.read_text().splitlines()
+        if re.search(r"\btorch\.load\(", line)
+    ]
     assert loads and all("weights_only=True" in line for _, line in loads), loads
     assert build_parser().parse_args([]).host == "127.0.0.1"
     # The driver's local Ray (ray.init without an address) keeps the dashboard on Ray's default host.

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import TINY, kill_cluster
 
 from byol_ray.tracking.server import free_port
-from helpers import TINY, kill_cluster
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -31,11 +31,26 @@ def two_nodes():
     # driver present the token only with RAY_AUTH_MODE=token.
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     port = free_port()
-    head = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={temp_dir}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
-    second = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", "--num-cpus=1",
-              f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+    head = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=1",
+        f"--temp-dir={temp_dir}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        "--disable-usage-stats",
+    ]
+    second = [
+        str(BIN / "ray"),
+        "start",
+        f"--address=127.0.0.1:{port}",
+        "--num-cpus=1",
+        f"--dashboard-agent-listen-port={free_port()}",
+        "--disable-usage-stats",
+    ]
     try:
         for cmd in (head, second):
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -50,9 +65,19 @@ def test_two_workers_train_on_two_nodes(two_nodes, tmp_path):
     address, env = two_nodes
     env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
     shared = tmp_path / "shared"
-    cmd = [sys.executable, "-m", "byol_ray.train", *TINY, "optim.epochs=2", f"run.address={address}",
-           f"run.output_dir={tmp_path / 'out'}", f"run.storage_path={shared}", "run.name=two-nodes",
-           f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.log_model=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "byol_ray.train",
+        *TINY,
+        "optim.epochs=2",
+        f"run.address={address}",
+        f"run.output_dir={tmp_path / 'out'}",
+        f"run.storage_path={shared}",
+        "run.name=two-nodes",
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        "tracking.log_model=false",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -62,8 +87,10 @@ def test_two_workers_train_on_two_nodes(two_nodes, tmp_path):
     assert set(nodes) == {"0", "1"}, out[-4000:]
     assert nodes["0"] != nodes["1"]
     # ... which are the cluster's two nodes. (Asked from a fresh process: Ray reads RAY_AUTH_MODE at import.)
-    query = ("import ray; ray.init(address='%s', log_to_driver=False); "
-             "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))" % address)
+    query = (
+        f"import ray; ray.init(address='{address}', log_to_driver=False); "
+        "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))"
+    )
     alive = subprocess.run([sys.executable, "-c", query], env=env, capture_output=True, text=True, timeout=120)
     assert set(nodes.values()) == set(alive.stdout.split()), alive.stdout + alive.stderr[-2000:]
 

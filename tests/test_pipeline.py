@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import folder_cfg
 from PIL import Image
 
 from byol_ray.config import AugmentConfig
@@ -15,7 +16,6 @@ from byol_ray.data.pipeline import FolderImages, FolderStream, PrecroppedTwoView
 from byol_ray.data.readers import load_split
 from byol_ray.training.loop import pretrain
 from byol_ray.training.session import LocalSession
-from helpers import folder_cfg
 
 
 def test_stream_centre_mode_reads_the_same_pixels_as_the_in_memory_reader(image_folder, tmp_path):
@@ -24,13 +24,15 @@ def test_stream_centre_mode_reads_the_same_pixels_as_the_in_memory_reader(image_
     stream = FolderStream(cfg, "train", torch.device("cpu"), mode="centre")
     assert len(stream) == len(mem) == 36 and stream.classes == mem.classes == ["ant", "bee", "cat"]
     idx = torch.tensor([35, 0, 7, 18, 12, 3])
-    (images, labels), = next(stream.micro_batches(0, [[idx]]))
+    ((images, labels),) = next(stream.micro_batches(0, [[idx]]))
     assert images.dtype == torch.uint8 and torch.equal(images, mem.images[idx])
     assert torch.equal(labels, mem.labels[idx])
     # The estimated normalisation covers the whole (small) split: the in-memory statistics.
     from byol_ray.data.readers import channel_stats
 
-    assert stream.mean == pytest.approx(channel_stats(mem.images)[0]) and stream.std == pytest.approx(channel_stats(mem.images)[1])
+    assert stream.mean == pytest.approx(channel_stats(mem.images)[0]) and stream.std == pytest.approx(
+        channel_stats(mem.images)[1]
+    )
 
 
 def test_stream_crops_are_reproducible_independent_and_worker_count_free(image_folder, tmp_path):
@@ -53,7 +55,9 @@ def test_stream_crops_are_reproducible_independent_and_worker_count_free(image_f
     idx = [torch.tensor([3, 1, 4, 15]), torch.tensor([9, 2, 6, 5])]
     got = {}
     for workers in (0, 2):
-        s = FolderStream(folder_cfg(image_folder, tmp_path, f"data.num_workers={workers}"), "train", torch.device("cpu"))
+        s = FolderStream(
+            folder_cfg(image_folder, tmp_path, f"data.num_workers={workers}"), "train", torch.device("cpu")
+        )
         got[workers] = list(s.micro_batches(2, [[i] for i in idx]))
     for [(x0, y0)], [(x2, y2)] in zip(got[0], got[2]):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from byol_ray.config import Config
-from byol_ray.training.loop import pretrain
 from byol_ray.core.ema import tau_at
 from byol_ray.core.schedules import schedule_position, warmup_cosine
+from byol_ray.training.loop import pretrain
 from byol_ray.training.plan import REPLAN_TOLERANCE, StepPlan, budget_steps, epochs_plan, replan
 from byol_ray.training.session import LocalSession
 
@@ -29,8 +29,9 @@ def cfg_of(fmnist_root: str, **over) -> Config:
 
 
 def test_budget_arithmetic():
-    cfg = Config().replace({"optim.time_budget_minutes": 1.0, "optim.epochs": 100, "eval.final": True,
-                            "eval.knn_every": 0})
+    cfg = Config().replace(
+        {"optim.time_budget_minutes": 1.0, "optim.epochs": 100, "eval.final": True, "eval.knn_every": 0}
+    )
     # 60 s - 4 s already spent - 6 s evaluation = 50 s at 0.1 s a step.
     p = budget_steps(cfg, 30, step_s=0.1, eval_s=6.0, knn_s=2.0, elapsed_s=4.0)
     assert (p.total_steps, p.epochs, p.reserve_s) == (500, 17, 6.0)
@@ -47,8 +48,9 @@ def test_budget_arithmetic():
 
 
 def test_replan_arithmetic_and_schedules_continuous_through_it():
-    cfg = Config().replace({"optim.time_budget_minutes": 1.0, "optim.epochs": 100, "eval.final": True,
-                            "eval.knn_every": 0})
+    cfg = Config().replace(
+        {"optim.time_budget_minutes": 1.0, "optim.epochs": 100, "eval.final": True, "eval.knn_every": 0}
+    )
     plan = budget_steps(cfg, 30, step_s=0.1, eval_s=6.0, knn_s=2.0, elapsed_s=4.0)  # 500 steps, as above
     # On time after 5 epochs (4 s + 150 x 0.1 s): no re-plan, and none for noise within the tolerance.
     assert replan(cfg, plan, 150, elapsed_s=19.0, step_s=0.1) is None

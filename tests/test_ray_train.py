@@ -9,16 +9,15 @@ import time
 import mlflow
 import pytest
 import torch
+from helpers import TINY
 
-from byol_ray.core.state import latest_checkpoint, load_state
 from byol_ray.config import load_config
+from byol_ray.core.state import latest_checkpoint, load_state
 from byol_ray.distributed.cluster import ResourceError
 from byol_ray.distributed.driver import run_training
 from byol_ray.errors import UserError
-from helpers import TINY
 
 pytestmark = pytest.mark.ray
-
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +65,8 @@ def test_two_workers_stay_in_sync_and_log_to_mlflow(ray_local, tmp_path):
     assert [m.step for m in client.get_metric_history(out["run_id"], "loss")] == [1, 2, 3]
     assert run["metrics.eval/byol/linear_top1"] > 10.0
     assert {"eval/byol/knn_top1", "eval/raw_pixels/linear_top1", "eval/untrained_encoder/linear_top1"} <= {
-        k.removeprefix("metrics.") for k in runs.columns}
+        k.removeprefix("metrics.") for k in runs.columns
+    }
     # The logged encoder loads back and gives the checkpoint's features.
     from byol_ray.core.model import OnlineNetwork
 
@@ -78,8 +78,9 @@ def test_two_workers_stay_in_sync_and_log_to_mlflow(ray_local, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), online.encoder.eval()(x))
     # Online and target weights are equal on both ranks; the target differs from the online network.
-    assert not torch.equal(state.trainer["online"]["branch.encoder.conv1.weight"],
-                           state.trainer["target"]["encoder.conv1.weight"])
+    assert not torch.equal(
+        state.trainer["online"]["branch.encoder.conv1.weight"], state.trainer["target"]["encoder.conv1.weight"]
+    )
 
 
 def test_a_diverged_replica_is_caught(ray_local, tmp_path):
@@ -96,8 +97,16 @@ def test_a_diverged_replica_is_caught(ray_local, tmp_path):
 def test_killed_worker_resumes_bit_exactly(ray_local, tmp_path):
     ref = run_training(tiny(tmp_path / "ref", "run.name=ref", "tracking.log_model=false"))
     # Rank 1 SIGKILLs its own process at step 4, in the middle of epoch 2 (3 steps per epoch).
-    crashed = run_training(tiny(tmp_path / "crash", "run.name=crash", "debug.crash_rank=1",
-                                "debug.crash_at_step=4", "run.max_failures=1", "tracking.log_model=false"))
+    crashed = run_training(
+        tiny(
+            tmp_path / "crash",
+            "run.name=crash",
+            "debug.crash_rank=1",
+            "debug.crash_at_step=4",
+            "run.max_failures=1",
+            "tracking.log_model=false",
+        )
+    )
     assert (tmp_path / "crash" / ".crashed_crash_1_4").exists()
     a, b = final_state(ref).trainer, final_state(crashed).trainer
     for part in ("online", "target"):
@@ -135,8 +144,15 @@ def test_a_user_error_in_a_worker_is_not_retried(ray_local, tmp_path):
     """An error from the user's input raised in a worker (injected on rank 1 in epoch 2) ends the run at
     once: the driver raises that UserError itself, although run.max_failures allows 3 retries."""
     # No checkpoint before the end: each attempt would train (and log) epoch 1 again.
-    cfg = tiny(tmp_path, "run.name=bad", "debug.crash_rank=1", "debug.crash_at_step=4",
-               "debug.crash_kind=user_error", "run.max_failures=3", "run.checkpoint_every=10")
+    cfg = tiny(
+        tmp_path,
+        "run.name=bad",
+        "debug.crash_rank=1",
+        "debug.crash_at_step=4",
+        "debug.crash_kind=user_error",
+        "run.max_failures=3",
+        "run.checkpoint_every=10",
+    )
     with pytest.raises(UserError, match="debug.crash_kind=user_error: rank 1 raised this at step 4"):
         run_training(cfg)
     runs = search(tmp_path)
@@ -147,10 +163,13 @@ def test_a_user_error_in_a_worker_is_not_retried(ray_local, tmp_path):
     assert len(epoch1) == 1, "the worker group was started again"
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["run.num_workers=8"], "cannot hold 8 worker(s)"),
-    (["run.gpus_per_worker=1", "run.num_workers=1"], "GPU"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["run.num_workers=8"], "cannot hold 8 worker(s)"),
+        (["run.gpus_per_worker=1", "run.num_workers=1"], "GPU"),
+    ],
+)
 def test_impossible_resources_fail_fast(ray_local, tmp_path, extra, needle):
     cfg = tiny(tmp_path, *extra, "tracking.enabled=false")
     t0 = time.monotonic()

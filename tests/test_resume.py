@@ -9,10 +9,17 @@ import shutil
 import pytest
 import torch
 
-from byol_ray.core.state import (STATE_FILE, CheckpointError, TrainState, check_compatible, load_state,
-                                 resumable_checkpoint, save_state)
 from byol_ray.config import Config, ConfigError
 from byol_ray.core.engine import InputSpec, Pretrainer
+from byol_ray.core.state import (
+    STATE_FILE,
+    CheckpointError,
+    TrainState,
+    check_compatible,
+    load_state,
+    resumable_checkpoint,
+    save_state,
+)
 from byol_ray.training.loop import pretrain
 from byol_ray.training.session import LocalSession
 
@@ -59,8 +66,14 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     for s in range(2):
         tr.train_step(fake_batch(s))
     assert tr.step == 2
-    state = TrainState(trainer=tr.state_dict(), epoch=1, in_channels=1, config=cfg.to_dict(),
-                       rng=torch.get_rng_state(), mlflow_run_id="abc")
+    state = TrainState(
+        trainer=tr.state_dict(),
+        epoch=1,
+        in_channels=1,
+        config=cfg.to_dict(),
+        rng=torch.get_rng_state(),
+        mlflow_run_id="abc",
+    )
     save_state(tmp_path / "ck", state)
     assert not (tmp_path / "ck" / (STATE_FILE + ".tmp")).exists()
     loaded = load_state(tmp_path / "ck")
@@ -97,11 +110,16 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
 
 def test_resumable_checkpoint_passes_over_torn_ones_and_says_which(tmp_path):
     cfg = tiny_cfg()
-    names = ["checkpoint_2026-01-01_00-00-01.000000", "checkpoint_2026-01-01_00-00-02.000000",
-             "checkpoint_2026-01-01_00-00-03.000000"]
+    names = [
+        "checkpoint_2026-01-01_00-00-01.000000",
+        "checkpoint_2026-01-01_00-00-02.000000",
+        "checkpoint_2026-01-01_00-00-03.000000",
+    ]
     for epoch, name in enumerate(names, 1):
-        save_state(tmp_path / name, TrainState(trainer={}, epoch=epoch, in_channels=1, config=cfg.to_dict(),
-                                               rng=torch.get_rng_state()))
+        save_state(
+            tmp_path / name,
+            TrainState(trainer={}, epoch=epoch, in_channels=1, config=cfg.to_dict(), rng=torch.get_rng_state()),
+        )
     assert resumable_checkpoint(tmp_path / "none") is None
     state, skipped = resumable_checkpoint(tmp_path)
     assert state.epoch == 3 and skipped == []
@@ -140,7 +158,10 @@ def test_resumed_run_continues_exactly(tmp_path, fmnist_root):
     full, out_full = _run(cfg, tmp_path / "A")
     assert [r["epoch"] for r in full.reports] == [1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "A").iterdir()) == [
-        "checkpoint_000001", "checkpoint_000002", "checkpoint_000003"]
+        "checkpoint_000001",
+        "checkpoint_000002",
+        "checkpoint_000003",
+    ]
 
     # An interrupted run: only the epoch-1 checkpoint survived.
     (tmp_path / "B").mkdir()
@@ -172,27 +193,38 @@ def test_resumed_run_continues_exactly(tmp_path, fmnist_root):
     assert again.reports == []
 
 
-@pytest.mark.parametrize("override, field", [
-    ({"model.width": 16}, "model.width"),
-    ({"model.use_predictor": False}, "model.use_predictor"),
-    ({"model.stem": "small"}, "model.stem"),
-    ({"optim.epochs": 5}, "optim.epochs"),
-    ({"optim.batch_size": 32}, "optim.batch_size"),
-    ({"data.image_size": 32}, "data.image_size"),
-    # These change the steps per epoch: the restored step count would no longer match the lr/tau
-    # schedule (the run would end with lr > 0 and tau < 1, or past the schedule's end).
-    ({"optim.steps_per_epoch": 5}, "optim.steps_per_epoch"),
-    ({"data.train_subset": 128}, "data.train_subset"),
-    # Another optimizer cannot load LARS's state (it failed with a bare KeyError mid-run).
-    ({"optim.optimizer": "adamw"}, "optim.optimizer"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ({"model.width": 16}, "model.width"),
+        ({"model.use_predictor": False}, "model.use_predictor"),
+        ({"model.stem": "small"}, "model.stem"),
+        ({"optim.epochs": 5}, "optim.epochs"),
+        ({"optim.batch_size": 32}, "optim.batch_size"),
+        ({"data.image_size": 32}, "data.image_size"),
+        # These change the steps per epoch: the restored step count would no longer match the lr/tau
+        # schedule (the run would end with lr > 0 and tau < 1, or past the schedule's end).
+        ({"optim.steps_per_epoch": 5}, "optim.steps_per_epoch"),
+        ({"data.train_subset": 128}, "data.train_subset"),
+        # Another optimizer cannot load LARS's state (it failed with a bare KeyError mid-run).
+        ({"optim.optimizer": "adamw"}, "optim.optimizer"),
+    ],
+)
 def test_check_compatible_rejects_a_different_config(override, field):
     cfg = tiny_cfg()
     state = TrainState(trainer={}, epoch=1, in_channels=1, config=cfg.to_dict(), rng=torch.get_rng_state())
     check_compatible(state, cfg)  # the same config resumes
     # Run, evaluation and tracking settings may change between attempts.
-    check_compatible(state, cfg.replace({"run.log_every": 7, "eval.knn_k": 3, "tracking.enabled": True,
-                                          }))
+    check_compatible(
+        state,
+        cfg.replace(
+            {
+                "run.log_every": 7,
+                "eval.knn_k": 3,
+                "tracking.enabled": True,
+            }
+        ),
+    )
     with pytest.raises(ConfigError) as ei:
         check_compatible(state, cfg.replace(override))
     assert field in str(ei.value), str(ei.value)
@@ -202,8 +234,10 @@ def test_pretrain_refuses_an_incompatible_checkpoint(tmp_path, fmnist_root):
     cfg = tiny_cfg(**{"data.root": fmnist_root})
     trainer_state = make_trainer(cfg.replace({"data.image_size": 28})).state_dict()
     other = cfg.replace({"model.width": 16})
-    save_state(tmp_path / "checkpoint_000001", TrainState(trainer=trainer_state, epoch=1, in_channels=1,
-                                                          config=other.to_dict(), rng=torch.get_rng_state()))
+    save_state(
+        tmp_path / "checkpoint_000001",
+        TrainState(trainer=trainer_state, epoch=1, in_channels=1, config=other.to_dict(), rng=torch.get_rng_state()),
+    )
     with pytest.raises(ConfigError, match="model.width"):
         pretrain(cfg, LocalSession(tmp_path))
 
@@ -211,8 +245,15 @@ def test_pretrain_refuses_an_incompatible_checkpoint(tmp_path, fmnist_root):
 def test_model_in_channels_and_online_probe_switch_are_honoured(tmp_path, fmnist_root):
     # model.in_channels=3 pretrains a 3-channel encoder on 1-channel Fashion-MNIST (grey repeated), and
     # eval.online_probe=false trains no probe: no probe tensors in the checkpoint, no probe metrics.
-    cfg = tiny_cfg(**{"data.root": fmnist_root, "model.in_channels": 3, "eval.online_probe": False,
-                      "optim.epochs": 1, "eval.final": True})
+    cfg = tiny_cfg(
+        **{
+            "data.root": fmnist_root,
+            "model.in_channels": 3,
+            "eval.online_probe": False,
+            "optim.epochs": 1,
+            "eval.final": True,
+        }
+    )
     session = LocalSession(tmp_path / "rgb", keep=1)
     out = pretrain(cfg, session)
     state = session.latest_state()
@@ -220,6 +261,8 @@ def test_model_in_channels_and_online_probe_switch_are_honoured(tmp_path, fmnist
     assert "probe" not in state.trainer and out["trainer"].probe is None
     assert "online_probe_acc" not in session.reports[-1] and "probe_loss" not in session.reports[-1]
     assert out["eval_rows"][0].linear_top1 > 10  # the final evaluation ran on 3-channel test images
-    with_probe = pretrain(tiny_cfg(**{"data.root": fmnist_root, "optim.epochs": 1, "eval.final": False}),
-                          LocalSession(tmp_path / "grey", keep=1))
+    with_probe = pretrain(
+        tiny_cfg(**{"data.root": fmnist_root, "optim.epochs": 1, "eval.final": False}),
+        LocalSession(tmp_path / "grey", keep=1),
+    )
     assert with_probe["trainer"].probe is not None and "online_probe_acc" in with_probe["train"]

@@ -16,18 +16,23 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
+from helpers import write_sweep
 
+from byol_ray.sweep_spec import SweepError, SweepSpec, Variant, load_sweep, presets
 from byol_ray.tracking.report import ablation_table, to_markdown
 from byol_ray.tracking.sweeps import stopped_on_purpose
-from byol_ray.sweep_spec import SweepError, SweepSpec, Variant, load_sweep, presets
-from helpers import write_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Without a predictor and with tau = 0 (the target is the online network), plain SGD at a high lr
 # collapses within 3 epochs here: measured repr std 0.59, 0.14, 0.055, 0.044 (healthy runs stay ~0.8).
-COLLAPSING = {"model.use_predictor": False, "optim.tau_base": 0.0, "optim.tau_schedule": "constant",
-              "optim.optimizer": "sgd", "optim.base_lr": 2.0}
+COLLAPSING = {
+    "model.use_predictor": False,
+    "optim.tau_base": 0.0,
+    "optim.tau_schedule": "constant",
+    "optim.optimizer": "sgd",
+    "optim.base_lr": 2.0,
+}
 
 
 def children(tmp_path: Path) -> pd.DataFrame:
@@ -58,21 +63,25 @@ def test_presets_load_with_every_paper_row(fmnist_root):
     assert tau.trial_config("tau=0", 0, ["optim.tau_base=0.5"]).optim.tau_base == 0.0
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda s: s.pop("variants"), "has no variants: key"),
-    (lambda s: s.update(seeds=0), "seeds must be a count >= 1"),
-    (lambda s: s.update(baseline="nope"), "baseline 'nope' is not one of the variants"),
-    (lambda s: s.update(colour="red"), "unknown key 'colour'"),
-    (lambda s: s["variants"].append({"name": "a"}), "appear twice"),
-    (lambda s: s["variants"][1].update(set={"optim.tau": 0.1}), "variant 'b': unknown config key optim.tau"),
-    (lambda s: s["variants"][1].update(set={"augment.ops": ["crop", "mixup"]}), "unknown value 'mixup'"),
-    (lambda s: s["variants"][1].update(paper="high"), "paper must be a number"),
-    (lambda s: s.update(base_config="missing.yaml"), "base_config 'missing.yaml' does not exist"),
-    (lambda s: s.update(asha={"enabled": True, "grace": 1}), "unknown key 'grace'"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda s: s.pop("variants"), "has no variants: key"),
+        (lambda s: s.update(seeds=0), "seeds must be a count >= 1"),
+        (lambda s: s.update(baseline="nope"), "baseline 'nope' is not one of the variants"),
+        (lambda s: s.update(colour="red"), "unknown key 'colour'"),
+        (lambda s: s["variants"].append({"name": "a"}), "appear twice"),
+        (lambda s: s["variants"][1].update(set={"optim.tau": 0.1}), "variant 'b': unknown config key optim.tau"),
+        (lambda s: s["variants"][1].update(set={"augment.ops": ["crop", "mixup"]}), "unknown value 'mixup'"),
+        (lambda s: s["variants"][1].update(paper="high"), "paper must be a number"),
+        (lambda s: s.update(base_config="missing.yaml"), "base_config 'missing.yaml' does not exist"),
+        (lambda s: s.update(asha={"enabled": True, "grace": 1}), "unknown key 'grace'"),
+    ],
+)
 def test_bad_sweep_files_fail_with_the_key_named(tmp_path, fmnist_root, mutate, message):
-    path = write_sweep(tmp_path, [{"name": "a"}, {"name": "b", "set": {"optim.tau_base": 0.9}}],
-                       fmnist_root=fmnist_root)
+    path = write_sweep(
+        tmp_path, [{"name": "a"}, {"name": "b", "set": {"optim.tau_base": 0.9}}], fmnist_root=fmnist_root
+    )
     spec = yaml.safe_load(path.read_text())
     mutate(spec)
     path.write_text(yaml.safe_dump(spec))
@@ -91,21 +100,53 @@ def test_unknown_preset_and_broken_yaml(tmp_path):
 
 # ---- the report's table ------------------------------------------------------------------------------
 def _runs(rows):
-    return pd.DataFrame([{"tags.byol_ray.variant": v, "status": st, "metrics.eval/byol/linear_top1": lin,
-                          "metrics.eval/byol/knn_top1": lin - 1, "tags.collapsed": col} for v, st, lin, col in rows])
+    return pd.DataFrame(
+        [
+            {
+                "tags.byol_ray.variant": v,
+                "status": st,
+                "metrics.eval/byol/linear_top1": lin,
+                "metrics.eval/byol/knn_top1": lin - 1,
+                "tags.collapsed": col,
+            }
+            for v, st, lin, col in rows
+        ]
+    )
 
 
 def test_ablation_table_means_deltas_and_orderings():
-    spec = SweepSpec(name="t", ablation="t", base_config="", baseline="base", paper_baseline=72.5, variants=[
-        Variant("base", paper=72.5), Variant("worse", paper=60.0), Variant("same", paper=72.3),
-        Variant("flipped", paper=68.0), Variant("dead", paper=0.3)])
-    runs = _runs([
-        ("base", "FINISHED", 80.0, "false"), ("base", "FINISHED", 81.0, "false"), ("base", "FINISHED", 82.0, "false"),
-        ("worse", "FINISHED", 70.0, "false"), ("worse", "FINISHED", 71.0, "false"), ("worse", "FINISHED", 72.0, "false"),
-        ("same", "FINISHED", 80.5, "false"), ("same", "FINISHED", 81.5, "false"), ("same", "FAILED", 10.0, "false"),
-        ("flipped", "FINISHED", 90.0, "false"), ("flipped", "FINISHED", 91.0, "false"),
-        ("dead", "FINISHED", 20.0, "true"), ("dead", "FINISHED", 21.0, "true"), ("dead", "FINISHED", 22.0, "true"),
-    ])
+    spec = SweepSpec(
+        name="t",
+        ablation="t",
+        base_config="",
+        baseline="base",
+        paper_baseline=72.5,
+        variants=[
+            Variant("base", paper=72.5),
+            Variant("worse", paper=60.0),
+            Variant("same", paper=72.3),
+            Variant("flipped", paper=68.0),
+            Variant("dead", paper=0.3),
+        ],
+    )
+    runs = _runs(
+        [
+            ("base", "FINISHED", 80.0, "false"),
+            ("base", "FINISHED", 81.0, "false"),
+            ("base", "FINISHED", 82.0, "false"),
+            ("worse", "FINISHED", 70.0, "false"),
+            ("worse", "FINISHED", 71.0, "false"),
+            ("worse", "FINISHED", 72.0, "false"),
+            ("same", "FINISHED", 80.5, "false"),
+            ("same", "FINISHED", 81.5, "false"),
+            ("same", "FAILED", 10.0, "false"),
+            ("flipped", "FINISHED", 90.0, "false"),
+            ("flipped", "FINISHED", 91.0, "false"),
+            ("dead", "FINISHED", 20.0, "true"),
+            ("dead", "FINISHED", 21.0, "true"),
+            ("dead", "FINISHED", 22.0, "true"),
+        ]
+    )
     t = ablation_table(runs, spec).set_index("variant")
     assert t.loc["base", "linear_mean"] == pytest.approx(81.0)
     assert t.loc["base", "linear_std"] == pytest.approx(1.0)
@@ -114,8 +155,13 @@ def test_ablation_table_means_deltas_and_orderings():
     assert t.loc["same", "trials"] == 3  # ... but counted
     assert t.loc["same", "linear_mean"] == pytest.approx(81.0)
     assert t.loc["worse", "paper_delta"] == pytest.approx(-12.5)
-    assert dict(t["ordering_holds"]) == {"base": "baseline", "worse": "yes", "same": "yes", "flipped": "no",
-                                         "dead": "yes"}
+    assert dict(t["ordering_holds"]) == {
+        "base": "baseline",
+        "worse": "yes",
+        "same": "yes",
+        "flipped": "no",
+        "dead": "yes",
+    }
     assert (t.loc["flipped", "ours_order"], t.loc["flipped", "paper_order"]) == ("above", "below")
     assert t.loc["dead", "collapsed"] == 3
     md = to_markdown(t.reset_index(), spec)
@@ -123,8 +169,13 @@ def test_ablation_table_means_deltas_and_orderings():
 
 
 def test_ablation_table_with_one_seed_says_so():
-    spec = SweepSpec(name="t", ablation="t", base_config="", baseline="a",
-                     variants=[Variant("a", paper=70.0), Variant("b", paper=60.0)])
+    spec = SweepSpec(
+        name="t",
+        ablation="t",
+        base_config="",
+        baseline="a",
+        variants=[Variant("a", paper=70.0), Variant("b", paper=60.0)],
+    )
     t = ablation_table(_runs([("a", "FINISHED", 80.0, "false"), ("b", "FINISHED", 70.0, "false")]), spec)
     assert list(t["ordering_holds"]) == ["baseline", "n/a (needs 2+ seeds)"]
     assert math.isnan(t.loc[0, "linear_std"])
@@ -137,9 +188,11 @@ def test_tiny_sweep_logs_parent_children_report_and_stops_collapse(tmp_path, fmn
 
     from byol_ray.distributed.sweep import run_sweep
 
-    path = write_sweep(tmp_path, [{"name": "byol", "paper": 72.5}, {"name": "collapse", "set": COLLAPSING,
-                                                                     "paper": 0.2}],
-                       fmnist_root=fmnist_root)
+    path = write_sweep(
+        tmp_path,
+        [{"name": "byol", "paper": 72.5}, {"name": "collapse", "set": COLLAPSING, "paper": 0.2}],
+        fmnist_root=fmnist_root,
+    )
     spec = load_sweep(str(path))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -185,8 +238,18 @@ def test_tiny_sweep_logs_parent_children_report_and_stops_collapse(tmp_path, fmn
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, fmnist_root):
     """SIGINT (Ctrl-C) while the second of three trials trains; the same command then finishes the rest."""
     path = write_sweep(tmp_path, [{"name": "a"}], seeds=3, fmnist_root=fmnist_root)
-    cmd = [sys.executable, "-m", "byol_ray.cli", "sweep", str(path), "--max-concurrent", "1",
-           "optim.epochs=6", "run.num_workers=1", "run.cpus_per_worker=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "byol_ray.cli",
+        "sweep",
+        str(path),
+        "--max-concurrent",
+        "1",
+        "optim.epochs=6",
+        "run.num_workers=1",
+        "run.cpus_per_worker=1",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("MLFLOW_TRACKING_URI", None)
     log1 = open(tmp_path / "first.log", "w")
@@ -234,8 +297,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, f
 def test_a_trial_stopped_by_tune_is_told_apart_from_a_failure():
     # What a trial's driver records when Tune stops it (ASHA, Ctrl-C), as seen in real ASHA sweeps here.
     assert stopped_on_purpose("SystemExit: 1")
-    assert stopped_on_purpose("ActorDiedError: The actor died unexpectedly before finishing this task.\n"
-                              "\tclass_name: TrainController\nThe actor is dead because its worker process has died. "
-                              "Worker exit type: INTENDED_USER_EXIT")
+    assert stopped_on_purpose(
+        "ActorDiedError: The actor died unexpectedly before finishing this task.\n"
+        "\tclass_name: TrainController\nThe actor is dead because its worker process has died. "
+        "Worker exit type: INTENDED_USER_EXIT"
+    )
     assert not stopped_on_purpose("ActorDiedError: ... Worker exit type: SYSTEM_ERROR")
     assert not stopped_on_purpose("ReplicaMismatch: replicas diverged after step 4")

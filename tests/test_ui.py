@@ -23,24 +23,25 @@ import contextlib
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import pytest
+from conftest import FMNIST_ROOT
+from helpers import write_sweep
 
 from byol_ray.sweep_spec import load_sweep
 from byol_ray.tracking.server import MlflowServer, experiment_page
-from conftest import FMNIST_ROOT
-from helpers import write_sweep
 
 pytestmark = pytest.mark.ray
 
 CHROMIUM = os.environ.get("BYOL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 README_SHOTS = os.environ.get("BYOL_UI_SCREENSHOTS", "")
 SWEEP = "ui"
-VARIANTS = [{"name": f"tau={tau}", "set": {"optim.tau_base": tau, "optim.tau_schedule": "constant"}}
-            for tau in (0.9, 0.99)]
+VARIANTS = [
+    {"name": f"tau={tau}", "set": {"optim.tau_base": tau, "optim.tau_schedule": "constant"}} for tau in (0.9, 0.99)
+]
 SWEPT = "optim.tau_base"
 LINEAR = "eval/byol/linear_top1"
 SYSTEM = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes")
@@ -54,7 +55,9 @@ SEEN_ASSISTANT = """try {
   localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
   localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
 } catch (e) {}"""
-CHOSE_MODEL_TRAINING = "try { localStorage.setItem('mlflow.workflowType_v1', JSON.stringify('machine_learning')); } catch (e) {}"
+CHOSE_MODEL_TRAINING = (
+    "try { localStorage.setItem('mlflow.workflowType_v1', JSON.stringify('machine_learning')); } catch (e) {}"
+)
 CHART_CARD = '[data-testid="experiment-view-compare-runs-card"]'  # one metric chart on a run's page
 
 
@@ -84,8 +87,14 @@ def store(tmp_path_factory):
         shots = d / "screenshots"
         shots.mkdir()
         print(f"\n[test_ui] screenshots in {shots}")
-        yield {"server": server, "client": client, "experiment": exp, "parent": parent, "children": children,
-               "shots": shots}
+        yield {
+            "server": server,
+            "client": client,
+            "experiment": exp,
+            "parent": parent,
+            "children": children,
+            "shots": shots,
+        }
     finally:
         server.stop()
 
@@ -97,13 +106,15 @@ def browser(store):
     from playwright.sync_api import expect, sync_playwright
 
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"no chromium at {CHROMIUM}: scripts/setup.sh installs Debian's chromium "
-                    f"(or point BYOL_CHROMIUM at one)")
+        pytest.fail(
+            f"no chromium at {CHROMIUM}: scripts/setup.sh installs Debian's chromium (or point BYOL_CHROMIUM at one)"
+        )
     expect.set_options(timeout=WAIT_MS)
     with sync_playwright() as p:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                              args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+        b = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"]
+        )
         yield b
         b.close()
 
@@ -299,5 +310,7 @@ def chart(page, run_name: str, key: str):
 def plot_traces(plot) -> list[dict]:
     """The data Plotly draws (x, y and hover text of each trace), read from the chart's element."""
     plot.wait_for(state="attached")  # Plotly's root element has no size of its own: never "visible"
-    return plot.evaluate("e => e.data.map(t => ({name: t.name, x: Array.from(t.x || []), y: Array.from(t.y || []), "
-                         "text: Array.isArray(t.text) ? t.text : [t.text]}))")
+    return plot.evaluate(
+        "e => e.data.map(t => ({name: t.name, x: Array.from(t.x || []), y: Array.from(t.y || []), "
+        "text: Array.isArray(t.text) ? t.text : [t.text]}))"
+    )

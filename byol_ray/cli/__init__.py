@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(), file=sys.stderr)
         return 0 if argv else 2
     if argv[0] not in COMMANDS:
-        print(f"byol-ray: error: unknown command {argv[0]!r}. Use one of: {', '.join(COMMANDS)} "
-              f"(byol-ray --help describes them).", file=sys.stderr)
+        print(
+            f"byol-ray: error: unknown command {argv[0]!r}. Use one of: {', '.join(COMMANDS)} "
+            f"(byol-ray --help describes them).",
+            file=sys.stderr,
+        )
         return 2
     return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])

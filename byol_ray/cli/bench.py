@@ -17,6 +17,7 @@ from ..config import Config, load_config
 from ..errors import UserError, run_cli
 from ..training.bench import flat_metrics, run_bench, table
 
+
 def log_to_mlflow(cfg: Config, res: dict[str, Any], json_path: Path | None) -> str:
     # Imported here: the GPU check machine runs the benchmark without MLflow installed.
     from ..tracking.tracker import RUN_NAME_TAG, Tracker
@@ -25,9 +26,11 @@ def log_to_mlflow(cfg: Config, res: dict[str, Any], json_path: Path | None) -> s
     check_reachable(resolve_tracking_uri(cfg))
     s = res["setup"]
     # Its own run-name tag: a training of the same run.name must not take this run for itself.
-    tracker = Tracker.start(cfg, tags={RUN_NAME_TAG: f"{cfg.run.name}/bench", "byol_ray.kind": "bench",
-                                       "device_name": s["device_name"]},
-                            run_name=f"bench-{s['backbone']}-{s['image_size']}px-b{s['batch_size']}")
+    tracker = Tracker.start(
+        cfg,
+        tags={RUN_NAME_TAG: f"{cfg.run.name}/bench", "byol_ray.kind": "bench", "device_name": s["device_name"]},
+        run_name=f"bench-{s['backbone']}-{s['image_size']}px-b{s['batch_size']}",
+    )
     tracker.log_metrics(flat_metrics(res), step=0)
     if json_path is not None:
         tracker.log_artifact(json_path)
@@ -42,8 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow", action="store_true", help="log the figures to MLflow (tracking.* of the config)")
     p.add_argument("--repeats", type=int, default=20, help="timed repetitions per figure (median)")
     p.add_argument("--warmup", type=int, default=5, help="untimed repetitions before each figure")
-    p.add_argument("--synthetic", type=int, default=0, metavar="N",
-                   help="use N random images of data.image_size instead of the dataset (no data needed)")
+    p.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        metavar="N",
+        help="use N random images of data.image_size instead of the dataset (no data needed)",
+    )
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.batch_size=256")
     return p

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..data.transfer import TRANSFER_DATASETS
 from ..errors import UserError, run_cli
 from ..eval.encoders import EncoderRef, resolve_encoder
 from ..eval.linear import PAPER_WEIGHT_DECAYS
 from ..eval.protocols import run_protocol
 from ..eval.scoring import ResultTable
-from ..data.transfer import TRANSFER_DATASETS
 from ..tracking.runs import run_experiment
 from ..tracking.tracker import RUN_NAME_TAG, Tracker
 from ..tracking.uri import check_reachable
@@ -48,13 +48,19 @@ def log_to_mlflow(ref: EncoderRef, protocol: str, result: dict, files: list[Path
         if found is not None:
             parent, experiment = found
         else:
-            print(f"[eval] the pretraining run {ref.parent_run_id} is not in {ref.tracking_uri}: logging a "
-                  f"top-level run in experiment {experiment!r}", flush=True)
+            print(
+                f"[eval] the pretraining run {ref.parent_run_id} is not in {ref.tracking_uri}: logging a "
+                f"top-level run in experiment {experiment!r}",
+                flush=True,
+            )
     run_cfg = cfg.replace({"tracking.tracking_uri": ref.tracking_uri, "tracking.experiment": experiment})
     # Its own run-name tag: the training driver resumes the newest unfinished run carrying the pretraining's name.
-    tracker = Tracker.start(run_cfg, tags={RUN_NAME_TAG: f"{cfg.run.name}/eval-{protocol}",
-                                           "byol_ray.eval_protocol": protocol},
-                            parent_run_id=parent, run_name=f"eval-{protocol}")
+    tracker = Tracker.start(
+        run_cfg,
+        tags={RUN_NAME_TAG: f"{cfg.run.name}/eval-{protocol}", "byol_ray.eval_protocol": protocol},
+        parent_run_id=parent,
+        run_name=f"eval-{protocol}",
+    )
     try:
         tracker.log_params({f"evaluation.{k}": v for k, v in result["params"].items()})
         tracker.log_metrics({**result["metrics"], "wall_seconds": wall}, step=0)
@@ -82,17 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="byol-ray eval", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="protocol", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--encoder", required=True,
-                        help="checkpoint dir (or the ray_results/<run> folder above them), or MLflow model URI")
+    common.add_argument(
+        "--encoder",
+        required=True,
+        help="checkpoint dir (or the ray_results/<run> folder above them), or MLflow model URI",
+    )
     common.add_argument("--tracking-uri", default="", help="MLflow store (default: the pretraining run's)")
     common.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     common.add_argument("--output-dir", default="", help="tables go to <output-dir>/<run name>/eval_<protocol>/")
     common.add_argument("--seed", type=int, default=0, help="subsets, splits, baseline init and SGD order")
-    common.add_argument("--epochs", type=int, default=30, help="linear: SGD epochs; fine-tuning: epochs when "
-                        "--steps is 0")
+    common.add_argument(
+        "--epochs", type=int, default=30, help="linear: SGD epochs; fine-tuning: epochs when --steps is 0"
+    )
     common.add_argument("--lrs", type=_floats, default=None, help="learning-rate grid, e.g. 0.01,0.1,1")
-    common.add_argument("--dataset", dest="datasets", action="append", default=None,
-                        help="linear/semi: override the pretraining dataset; transfer: the target (repeatable)")
+    common.add_argument(
+        "--dataset",
+        dest="datasets",
+        action="append",
+        default=None,
+        help="linear/semi: override the pretraining dataset; transfer: the target (repeatable)",
+    )
     common.add_argument("--data-root", default="", help="folder holding the dataset files")
     common.add_argument("--train-subset", type=int, default=0, help="first N train images only (quick runs)")
     common.add_argument("--test-subset", type=int, default=0, help="first N test images only (quick runs)")
@@ -106,17 +121,34 @@ def build_parser() -> argparse.ArgumentParser:
     semi.add_argument("--fractions", type=_floats, default=[0.01, 0.1], help="label fractions, e.g. 0.01,0.1")
     semi.add_argument("--steps", type=int, default=300, help="optimiser steps per fine-tuning (0 = --epochs)")
     semi.add_argument("--batch-size", type=int, default=128)
-    semi.add_argument("--holdout", type=float, default=0.05,
-                      help="fraction of train held out (disjoint from the labels) to pick the lr")
+    semi.add_argument(
+        "--holdout",
+        type=float,
+        default=0.05,
+        help="fraction of train held out (disjoint from the labels) to pick the lr",
+    )
     tr = sub.add_parser("transfer", parents=[common], help="linear (and fine-tuning) on another dataset")
-    tr.add_argument("--solver", choices=("lbfgs", "sgd"), default="lbfgs",
-                    help="lbfgs: the paper's transfer protocol (L2-regularised logistic regression, penalty "
-                    "picked on held-out data); sgd: the ImageNet linear protocol (--lrs, --epochs)")
-    tr.add_argument("--weight-decays", dest="wds", type=_floats, default=None,
-                    help="lbfgs penalty grid (default: the paper's 45 log-spaced values 1e-6..1e5)")
+    tr.add_argument(
+        "--solver",
+        choices=("lbfgs", "sgd"),
+        default="lbfgs",
+        help="lbfgs: the paper's transfer protocol (L2-regularised logistic regression, penalty "
+        "picked on held-out data); sgd: the ImageNet linear protocol (--lrs, --epochs)",
+    )
+    tr.add_argument(
+        "--weight-decays",
+        dest="wds",
+        type=_floats,
+        default=None,
+        help="lbfgs penalty grid (default: the paper's 45 log-spaced values 1e-6..1e5)",
+    )
     tr.add_argument("--finetune", action="store_true", help="also fine-tune encoder + head on all its labels")
-    tr.add_argument("--splits", type=int, default=1,
-                    help="score N seeded train/test splits and report the mean (small datasets such as digits)")
+    tr.add_argument(
+        "--splits",
+        type=int,
+        default=1,
+        help="score N seeded train/test splits and report the mean (small datasets such as digits)",
+    )
     tr.add_argument("--steps", type=int, default=0, help="fine-tuning steps (0 = --epochs over the train split)")
     tr.add_argument("--batch-size", type=int, default=128)
     return p
@@ -151,8 +183,12 @@ def build_spec(args: argparse.Namespace, ref: EncoderRef) -> dict[str, Any]:
         # Fine-tuning in transfer uses the semi-supervised default lr.
         "ft_lrs": sorted(args.lrs or DEFAULT_LRS["semi"]),
         "datasets": datasets,
-        "data": {"dataset": datasets[0] if datasets and proto != "transfer" else None, "root": args.data_root,
-                 "train_subset": args.train_subset, "test_subset": args.test_subset},
+        "data": {
+            "dataset": datasets[0] if datasets and proto != "transfer" else None,
+            "root": args.data_root,
+            "train_subset": args.train_subset,
+            "test_subset": args.test_subset,
+        },
         "fractions": getattr(args, "fractions", []),
         "steps": getattr(args, "steps", 0),
         "batch_size": getattr(args, "batch_size", 128),
@@ -177,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         log_mlflow = not args.no_mlflow and cfg.tracking.enabled
         if log_mlflow:
             check_reachable(ref.tracking_uri)  # before minutes of evaluation, not after
-        print(f"[eval] {args.protocol} evaluation of {ref.kind} {ref.location} (pretraining run "
-              f"{ref.parent_run_id or 'unknown'})", flush=True)
+        print(
+            f"[eval] {args.protocol} evaluation of {ref.kind} {ref.location} (pretraining run "
+            f"{ref.parent_run_id or 'unknown'})",
+            flush=True,
+        )
         if args.address or args.ray:
             from ..distributed.cluster import run_remote
 
@@ -197,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[eval] table written to {files['markdown']} and {files['csv']} ({wall:.0f} s)", flush=True)
         if log_mlflow:
             run_id = log_to_mlflow(ref, args.protocol, result, paths, wall)
-            print(f"[eval] MLflow run {run_id} (child of {ref.parent_run_id or 'no run'}) at {ref.tracking_uri}",
-                  flush=True)
+            print(
+                f"[eval] MLflow run {run_id} (child of {ref.parent_run_id or 'no run'}) at {ref.tracking_uri}",
+                flush=True,
+            )
         return 0
 
     return run_cli(go, debug=args.debug)

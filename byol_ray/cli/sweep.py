@@ -1,8 +1,8 @@
 """`byol-ray sweep <preset or file>`: one of the paper's ablations as a Ray Tune sweep.
 
-    byol-ray sweep tau                         # experiments/sweeps/tau.yaml, 3 seeds per row
-    byol-ray sweep my_sweep.yaml optim.epochs=2 run.output_dir=/data/out
-    byol-ray sweep tau --fresh                 # start over instead of resuming
+byol-ray sweep tau                         # experiments/sweeps/tau.yaml, 3 seeds per row
+byol-ray sweep my_sweep.yaml optim.epochs=2 run.output_dir=/data/out
+byol-ray sweep tau --fresh                 # start over instead of resuming
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`byol-ray train` (also `python -m byol_ray.train`): BYOL pretraining on Ray Train.
 
-    byol-ray train --config experiments/fmnist.yaml optim.epochs=5 run.num_workers=2
+byol-ray train --config experiments/fmnist.yaml optim.epochs=5 run.num_workers=2
 """
 
 from __future__ import annotations

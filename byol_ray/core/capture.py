@@ -35,8 +35,13 @@ class CapturedStep:
     """Calls `step(micro_batches) -> stats` eagerly `WARMUP_STEPS` times, then records it as a CUDA graph
     and replays it for every batch of the same shapes (a batch of other shapes runs eagerly)."""
 
-    def __init__(self, step: Callable[[Batch], torch.Tensor], device: torch.device, generator: torch.Generator,
-                 warmup: int = WARMUP_STEPS):
+    def __init__(
+        self,
+        step: Callable[[Batch], torch.Tensor],
+        device: torch.device,
+        generator: torch.Generator,
+        warmup: int = WARMUP_STEPS,
+    ):
         self.step, self.device, self.generator, self.warmup = step, device, generator, warmup
         self.eager_calls = 0
         self.graph: torch.cuda.CUDAGraph | _EagerReplay | None = None

@@ -13,8 +13,8 @@ GPU the whole step is recorded once as a CUDA graph and replayed (`capture.Captu
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -87,8 +87,16 @@ def pick_device(cfg: Config, local_rank: int = 0) -> torch.device:
 class Pretrainer:
     """One data-parallel replica: online and target networks, LARS, EMA, views and the online probe."""
 
-    def __init__(self, cfg: Config, inputs: InputSpec, *, steps_per_epoch: int, device: torch.device,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        cfg: Config,
+        inputs: InputSpec,
+        *,
+        steps_per_epoch: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.cfg = cfg
         self.device = device
         self.rank, self.world_size = rank, world_size
@@ -109,13 +117,16 @@ class Pretrainer:
         if world_size > 1:
             # No per-forward buffer broadcast: BatchNorm buffers are averaged explicitly after each step.
             online = nn.parallel.DistributedDataParallel(
-                online, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+                online, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+            )
         self.online = online
         # The target starts as a copy of the (DDP-broadcast) online weights.
         self.target = make_target(unwrap(online)).to(device)
         if cfg.run.precision == "bf16" and device.type == "cpu" and not cpu_bf16_supported():
-            raise ConfigError("run.precision: bf16 on this worker's CPU would be emulated (no AVX-512 BF16 or AMX "
-                              "instructions) and slower than fp32; set run.precision=fp32 (or auto)")
+            raise ConfigError(
+                "run.precision: bf16 on this worker's CPU would be emulated (no AVX-512 BF16 or AMX "
+                "instructions) and slower than fp32; set run.precision=fp32 (or auto)"
+            )
         self.precision = resolve_precision(cfg.run.precision, device)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[self.precision]
         mode = cfg.run.compile_mode if cfg.run.compile else ""
@@ -220,8 +231,11 @@ class Pretrainer:
                 y1, z1, loss = self.forward_loss(v1, v2)
                 (loss / n_micro).backward()
             probe_loss, correct, count = self._probe_backward(y1.detach(), labels, n_micro)
-            parts.append(torch.stack([loss.detach() / n_micro, probe_loss / n_micro, correct, count,
-                                      representation_std(z1) / n_micro]).double())
+            parts.append(
+                torch.stack(
+                    [loss.detach() / n_micro, probe_loss / n_micro, correct, count, representation_std(z1) / n_micro]
+                ).double()
+            )
         if self.cfg.optim.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()

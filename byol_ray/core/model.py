@@ -64,9 +64,14 @@ NHWC_MIN_STRIDED_1X1_CHANNELS = 8
 
 def nhwc_unsafe_convs(module: nn.Module) -> list[str]:
     """The convolutions of `module` that channels_last would run into the oneDNN heap corruption above."""
-    return [name for name, m in module.named_modules()
-            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
-            and m.in_channels < NHWC_MIN_STRIDED_1X1_CHANNELS]
+    return [
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Conv2d)
+        and m.kernel_size == (1, 1)
+        and m.stride != (1, 1)
+        and m.in_channels < NHWC_MIN_STRIDED_1X1_CHANNELS
+    ]
 
 
 def memory_format(channels_last: bool, module: nn.Module, device: torch.device) -> torch.memory_format:

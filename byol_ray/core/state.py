@@ -24,9 +24,18 @@ STATE_FILE = "state.pt"
 # Config sections that must match for a checkpoint to be resumable (run/eval/tracking may change).
 # train_subset and steps_per_epoch set the steps per epoch (a change would leave the restored step count
 # out of step with the lr/tau schedule); a different optimizer cannot load the saved optimizer state.
-_MUST_MATCH = ("model", "data.dataset", "data.image_size", "data.train_subset", "optim.batch_size",
-               "optim.epochs", "optim.steps_per_epoch", "optim.optimizer", "optim.accumulate_steps",
-               "run.num_workers")
+_MUST_MATCH = (
+    "model",
+    "data.dataset",
+    "data.image_size",
+    "data.train_subset",
+    "optim.batch_size",
+    "optim.epochs",
+    "optim.steps_per_epoch",
+    "optim.optimizer",
+    "optim.accumulate_steps",
+    "run.num_workers",
+)
 
 
 @dataclass
@@ -44,16 +53,31 @@ class TrainState:
     plan: dict[str, Any] = field(default_factory=dict)  # training.plan.StepPlan: total steps, budget
 
     def to_file_dict(self) -> dict[str, Any]:
-        return {"trainer": self.trainer, "epoch": self.epoch, "in_channels": self.in_channels,
-                "config": self.config, "rng": {"torch": self.rng}, "restarts": self.restarts,
-                "mlflow_run_id": self.mlflow_run_id, "collapsed": self.collapsed, "plan": self.plan}
+        return {
+            "trainer": self.trainer,
+            "epoch": self.epoch,
+            "in_channels": self.in_channels,
+            "config": self.config,
+            "rng": {"torch": self.rng},
+            "restarts": self.restarts,
+            "mlflow_run_id": self.mlflow_run_id,
+            "collapsed": self.collapsed,
+            "plan": self.plan,
+        }
 
     @classmethod
-    def from_file_dict(cls, d: dict[str, Any]) -> "TrainState":
-        return cls(trainer=d["trainer"], epoch=int(d["epoch"]), in_channels=int(d["in_channels"]),
-                   config=d["config"], rng=d["rng"]["torch"], restarts=int(d.get("restarts", 0)),
-                   mlflow_run_id=str(d.get("mlflow_run_id", "")), collapsed=bool(d.get("collapsed", False)),
-                   plan=dict(d.get("plan") or {}))
+    def from_file_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(
+            trainer=d["trainer"],
+            epoch=int(d["epoch"]),
+            in_channels=int(d["in_channels"]),
+            config=d["config"],
+            rng=d["rng"]["torch"],
+            restarts=int(d.get("restarts", 0)),
+            mlflow_run_id=str(d.get("mlflow_run_id", "")),
+            collapsed=bool(d.get("collapsed", False)),
+            plan=dict(d.get("plan") or {}),
+        )
 
 
 def save_state(directory: str | os.PathLike, state: TrainState) -> Path:
@@ -76,8 +100,9 @@ class CheckpointError(UserError):
     """A run has checkpoints, but none of them can be read."""
 
 
-def resumable_checkpoint(run_dir: str | os.PathLike,
-                         newest: str = "") -> tuple[TrainState, list[tuple[Path, str]]] | None:
+def resumable_checkpoint(
+    run_dir: str | os.PathLike, newest: str = ""
+) -> tuple[TrainState, list[tuple[Path, str]]] | None:
     """The newest checkpoint of a Ray Train run folder that loads, and the newer ones passed over because
     they could not be (each with why); None when the folder has no checkpoint. `newest` (a checkpoint
     folder name) ignores later ones: those Ray never registered.

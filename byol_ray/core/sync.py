@@ -20,17 +20,21 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that make the host wait for the device (on CPU they are the same calls, so they count the same).
-SYNC_OPS = frozenset({
-    "aten.lift_fresh",  # a tensor from Python data (torch.tensor, x[:, [0, 1]]): a copy from pageable host
-                        # memory, which waits for the device queue (and cannot be recorded in a CUDA graph)
-    "aten._local_scalar_dense",  # .item(), float(t), int(t), bool(t)
-    "aten.is_nonzero",  # `if t:`
-    "aten.nonzero",  # boolean-mask indexing, torch.where(cond) with one argument
-    "aten.masked_select",
-    "aten.equal",  # torch.equal returns a Python bool
-    "aten._unique2", "aten.unique_dim", "aten.unique_consecutive",
-    "aten.repeat_interleave.Tensor",  # without output_size its length is a device value
-})
+SYNC_OPS = frozenset(
+    {
+        "aten.lift_fresh",  # a tensor from Python data (torch.tensor, x[:, [0, 1]]): a copy from pageable host
+        # memory, which waits for the device queue (and cannot be recorded in a CUDA graph)
+        "aten._local_scalar_dense",  # .item(), float(t), int(t), bool(t)
+        "aten.is_nonzero",  # `if t:`
+        "aten.nonzero",  # boolean-mask indexing, torch.where(cond) with one argument
+        "aten.masked_select",
+        "aten.equal",  # torch.equal returns a Python bool
+        "aten._unique2",
+        "aten.unique_dim",
+        "aten.unique_consecutive",
+        "aten.repeat_interleave.Tensor",  # without output_size its length is a device value
+    }
+)
 
 
 def to_host(t: torch.Tensor) -> Any:
@@ -63,8 +67,12 @@ class DispatchCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func._overloadpacket._qualified_op_name.replace("::", ".")
         self.by_op[name] += 1
-        if (name in SYNC_OPS or str(func).replace("::", ".") in SYNC_OPS or _copies_to_host(name, args, kwargs)
-                or _masks(name, args)):
+        if (
+            name in SYNC_OPS
+            or str(func).replace("::", ".") in SYNC_OPS
+            or _copies_to_host(name, args, kwargs)
+            or _masks(name, args)
+        ):
             self.sync_by_op[name] += 1
         return func(*args, **kwargs)
 

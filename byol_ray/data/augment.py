@@ -149,8 +149,14 @@ class CropSpace:
     in_size: tuple[int, int]
 
     @classmethod
-    def build(cls, scales: Sequence[tuple[float, float]], ratios: Sequence[tuple[float, float]], repeat: int,
-              in_size: tuple[int, int], device: torch.device | str) -> "CropSpace":
+    def build(
+        cls,
+        scales: Sequence[tuple[float, float]],
+        ratios: Sequence[tuple[float, float]],
+        repeat: int,
+        in_size: tuple[int, int],
+        device: torch.device | str,
+    ) -> CropSpace:
         """`scales`/`ratios` per view; each view's constants repeated for its `repeat` rows."""
         H, W = in_size
         area, ratio, fb, fb_tl = [], [], [], []
@@ -167,9 +173,18 @@ class CropSpace:
 
         f32 = dict(dtype=torch.float32, device=device)
         area_t, ratio_t = rows(area), rows(ratio)
-        return cls(area_lo=area_t[:, :1], area_span=area_t[:, 1:], ratio_lo=ratio_t[:, :1], ratio_span=ratio_t[:, 1:],
-                   pixels=float(H * W), hw_hi=torch.tensor([H + 1, W + 1], **f32),
-                   hw_lim=torch.tensor([H, W], **f32), fallback=rows(fb), fallback_tl=rows(fb_tl), in_size=(H, W))
+        return cls(
+            area_lo=area_t[:, :1],
+            area_span=area_t[:, 1:],
+            ratio_lo=ratio_t[:, :1],
+            ratio_span=ratio_t[:, 1:],
+            pixels=float(H * W),
+            hw_hi=torch.tensor([H + 1, W + 1], **f32),
+            hw_lim=torch.tensor([H, W], **f32),
+            fallback=rows(fb),
+            fallback_tl=rows(fb_tl),
+            in_size=(H, W),
+        )
 
 
 def crop_boxes(u: torch.Tensor, c: CropSpace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -446,8 +461,12 @@ class BatchedViews:
             box = c.full_box.expand(n, 4)
             frac = c.full_box.new_ones(()).expand(n)
             log_r = c.full_box.new_full((), math.log(in_size[1] / in_size[0])).expand(n)
-        p = {"crop_box": box, "crop_scale": frac, "crop_log_ratio": log_r,
-             "jitter_order": torch.argsort(u[:, _ORDER], dim=1)}
+        p = {
+            "crop_box": box,
+            "crop_scale": frac,
+            "crop_log_ratio": log_r,
+            "jitter_order": torch.argsort(u[:, _ORDER], dim=1),
+        }
         p.update(zip(FLAG_OPS, (u[:, _FLAGS] < c.probs).unbind(1)))
         p.update(zip(FACTORS, torch.addcmul(c.factor_lo, u[:, _FACTORS], c.factor_span).unbind(1)))
         return p
@@ -490,8 +509,9 @@ class BatchedViews:
         # broadcast first argument runs unvectorised on a CPU (4x slower than these two).
         return x.mul_(c.scale).add_(c.shift)
 
-    def _crop_flip(self, x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, c: _Consts,
-                   views: int = 1) -> torch.Tensor:
+    def _crop_flip(
+        self, x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, c: _Consts, views: int = 1
+    ) -> torch.Tensor:
         """Resample each row's box to out_size x out_size, mirrored where `flip`: exactly grid_sample's
         bicubic (a = -0.75, border padding, align_corners=False), computed as batched matmuls.
 
@@ -523,8 +543,9 @@ class BatchedViews:
         return z.view(N, C, out, out).clamp_(0.0, 1.0)
 
     @staticmethod
-    def _resample_matrices(box: torch.Tensor, flip: torch.Tensor, c: _Consts, buffer: torch.Tensor, views: int,
-                           in_size: tuple[int, int]) -> torch.Tensor:
+    def _resample_matrices(
+        box: torch.Tensor, flip: torch.Tensor, c: _Consts, buffer: torch.Tensor, views: int, in_size: tuple[int, int]
+    ) -> torch.Tensor:
         """The [2 (y, x), img, views, out, P] bicubic matrices of the boxes, scattered into `buffer` (zeros,
         [2, N, out, P], P >= H, W). Rows of `box` are view-major; the buffer is laid out so that each
         image's views' matrices are one [views * out, P] block."""
@@ -547,12 +568,14 @@ class BatchedViews:
         mats = buffer.view(2, n_img, views, out, -1)
         rows = (views, n_img, 2, out)
         mats.permute(2, 1, 0, 3, 4).scatter_add_(
-            4, taps.view(4, *rows).permute(1, 2, 3, 4, 0), weight.view(4, *rows).permute(1, 2, 3, 4, 0))
+            4, taps.view(4, *rows).permute(1, 2, 3, 4, 0), weight.view(4, *rows).permute(1, 2, 3, 4, 0)
+        )
         return mats
 
     @staticmethod
-    def _table_matrices(box: torch.Tensor, flip: torch.Tensor, c: _Consts,
-                        views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _table_matrices(
+        box: torch.Tensor, flip: torch.Tensor, c: _Consts, views: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`_resample_matrices` read from tables of every whole-pixel box (`_resample_tables`): two
         index_selects instead of a dozen ops and a scatter (~40% of the crop on a CPU at 28 px).
         Returns (ry [views, img, out, H], rx [img, views * out, W])."""
@@ -585,8 +608,13 @@ class BatchedViews:
         if hue:
             # Affine stages before the hue (first chain) and after it (second chain); elsewhere identity.
             before = ((order == n - 1).cumsum(1) == 0).unsqueeze(2)
-            stages = torch.cat([torch.where(before, stages, c.stage_identity)[:, : n - 1],
-                                torch.where(before, c.stage_identity, stages)[:, 1:]], 1)
+            stages = torch.cat(
+                [
+                    torch.where(before, stages, c.stage_identity)[:, : n - 1],
+                    torch.where(before, c.stage_identity, stages)[:, 1:],
+                ],
+                1,
+            )
         S = stages.shape[1]
         if C == 1:
             # 1 x 1 "matrices": y = a x + c2 mean(x) + d elementwise (c1, the saturation's, is never
@@ -624,8 +652,11 @@ class BatchedViews:
         strength in some view, and not a no-op on `channels` channels."""
         if "jitter" not in self.ops:
             return []
-        return [i for i, name in enumerate(JITTER_OPS)
-                if name not in noop_ops(channels) and any(getattr(v, name) > 0 for v in self.views)]
+        return [
+            i
+            for i, name in enumerate(JITTER_OPS)
+            if name not in noop_ops(channels) and any(getattr(v, name) > 0 for v in self.views)
+        ]
 
     def _constants(self, batch: int, channels: int, in_size: tuple[int, int], device: torch.device | str) -> _Consts:
         key = (batch, channels, tuple(in_size), str(device))
@@ -692,46 +723,79 @@ class BatchedViews:
         # Stage coefficients (a, c1, c2, d) per jitter op: y = a x + c1 gray(x) + c2 mean(gray(x)) + d.
         a0 = t([[1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
         a1 = t([[0, 0, 0, 1], [1, 0, -1, 0], [1, -1, 0, 0], [0, 0, 0, 0]])
-        basis = torch.stack([torch.cat([eye.flatten(), torch.zeros(C * C, **f32)]),
-                             torch.cat([gray.flatten(), torch.zeros(C * C, **f32)]),
-                             torch.cat([torch.zeros(C * C, **f32), gray.flatten()])])
+        basis = torch.stack(
+            [
+                torch.cat([eye.flatten(), torch.zeros(C * C, **f32)]),
+                torch.cat([gray.flatten(), torch.zeros(C * C, **f32)]),
+                torch.cat([torch.zeros(C * C, **f32), gray.flatten()]),
+            ]
+        )
         mean = _channel_stat(self.mean, torch.empty(1, C, 1, 1, **f32))
         std = _channel_stat(self.std, torch.empty(1, C, 1, 1, **f32))
         A = -0.75
         out = self.out_size
         j = torch.arange(out, **f32).expand(2, -1)
         r = self.blur_size // 2
-        blur_logit = rows([[-0.5 * (i - r) ** 2 if abs(i - r) <= k // 2 else -math.inf for i in range(self.blur_size)]
-                           for k in self.blur_sizes])
+        blur_logit = rows(
+            [
+                [-0.5 * (i - r) ** 2 if abs(i - r) <= k // 2 else -math.inf for i in range(self.blur_size)]
+                for k in self.blur_sizes
+            ]
+        )
         return _Consts(
-            crop=CropSpace.build([v.crop_scale for v in self.views], [v.crop_ratio for v in self.views], batch,
-                                 (H, W), device),
-            probs=rows(probs), factor_lo=rows(lo), factor_span=rows(span),
+            crop=CropSpace.build(
+                [v.crop_scale for v in self.views], [v.crop_ratio for v in self.views], batch, (H, W), device
+            ),
+            probs=rows(probs),
+            factor_lo=rows(lo),
+            factor_span=rows(span),
             full_box=t([[0.0, 0.0, H, W]]),
             src_a=t([[1, 0, 0, 0], [0, 1, 0, 0], [0.5 / out, 0, 1 / out, 0], [0, 0.5 / out, 0, 1 / out]]),
-            src_b=t([-0.5, -0.5, 0.0, 0.0]), j=j, j_flipped=torch.stack([j[0], j[1].flip(0)]),
-            tap_off=taps([1.0, 0.0, 1.0, 2.0]), tap_sign=taps([1.0, 1.0, -1.0, -1.0]),
-            tap_idx=taps([-1.0, 0.0, 1.0, 2.0]), tap_min=torch.zeros(2, 1, **f32), tap_max=t([[H - 1], [W - 1]]),
+            src_b=t([-0.5, -0.5, 0.0, 0.0]),
+            j=j,
+            j_flipped=torch.stack([j[0], j[1].flip(0)]),
+            tap_off=taps([1.0, 0.0, 1.0, 2.0]),
+            tap_sign=taps([1.0, 1.0, -1.0, -1.0]),
+            tap_idx=taps([-1.0, 0.0, 1.0, 2.0]),
+            tap_min=torch.zeros(2, 1, **f32),
+            tap_max=t([[H - 1], [W - 1]]),
             # Keys' cubic with a = -0.75 (torch's bicubic): |d| <= 1 for the inner taps, 1 < |d| < 2 outer.
-            cubic=tuple(taps(row) for row in [[-4 * A, 1, 1, -4 * A], [8 * A, 0, 0, 8 * A],
-                                               [-5 * A, -(A + 3), -(A + 3), -5 * A], [A, A + 2, A + 2, A]]),
-            resample=None, tables=None,
-            flip_shift=t([0.0, W + 1]), table_stride=t([H, W]),
-            jitter_identity=t([0, 1, 1, 0]), stage_a0=a0, stage_a1=a1, stage_identity=t([1, 0, 0, 0]),
+            cubic=tuple(
+                taps(row)
+                for row in [
+                    [-4 * A, 1, 1, -4 * A],
+                    [8 * A, 0, 0, 8 * A],
+                    [-5 * A, -(A + 3), -(A + 3), -5 * A],
+                    [A, A + 2, A + 2, A],
+                ]
+            ),
+            resample=None,
+            tables=None,
+            flip_shift=t([0.0, W + 1]),
+            table_stride=t([H, W]),
+            jitter_identity=t([0, 1, 1, 0]),
+            stage_a0=a0,
+            stage_a1=a1,
+            stage_identity=t([1, 0, 0, 0]),
             jitter_active=torch.tensor(self._active_jitter(C), dtype=torch.long, device=device),
-            stage_basis=basis, gray=gray, eye=eye, sectors=t(_HSV_SECTORS).view(1, 3, 1),
+            stage_basis=basis,
+            gray=gray,
+            eye=eye,
+            sectors=t(_HSV_SECTORS).view(1, 3, 1),
             blur_logit=blur_logit,
             blur_band=blur_band(out, self.blur_size).to(device) if out <= MATRIX_BLUR_MAX_SIDE else None,
             solarize_at=rows([v.solarize_threshold for v in self.views]),
-            scale=1.0 / std, shift=-mean / std,
+            scale=1.0 / std,
+            shift=-mean / std,
         )
 
 
 class ViewTransform(BatchedViews):
     """One view distribution (T or T'): [B, C, H, W] -> [B, C, out, out]."""
 
-    def __init__(self, view: ViewConfig, ops: Sequence[str], out_size: int, mean: Sequence[float],
-                 std: Sequence[float]) -> None:
+    def __init__(
+        self, view: ViewConfig, ops: Sequence[str], out_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
         super().__init__([view], ops, out_size, mean, std)
         self.view = view
 
@@ -740,8 +804,14 @@ class TwoViews:
     """(T(x), T'(x)) for a batch: both views as one batch of 2B rows, each with its own independent draws
     from one generator call."""
 
-    def __init__(self, cfg: AugmentConfig, out_size: int, mean: Sequence[float], std: Sequence[float],
-                 ops: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        out_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        ops: Sequence[str] | None = None,
+    ) -> None:
         self.batched = BatchedViews([cfg.view1, cfg.view2], cfg.ops if ops is None else ops, out_size, mean, std)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -753,9 +823,7 @@ class TwoViews:
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
-def eval_transform(
-    images: torch.Tensor, out_size: int, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
+def eval_transform(images: torch.Tensor, out_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Resize the shorter side to out_size (bilinear, antialiased), centre crop, normalise."""
     x = to_float(images)
     H, W = x.shape[-2:]
@@ -788,8 +856,7 @@ def reference_view_transform(
     torchvision's ColorJitter brightness is multiplicative (factor U(1-b, 1+b)), not additive, and its
     crop antialiases when shrinking. Crop and flip come first, then the other listed ops in order.
     """
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import v2
+    from torchvision.transforms import InterpolationMode, v2
 
     bicubic = InterpolationMode.BICUBIC
     steps: list[Callable] = []

@@ -38,8 +38,9 @@ class FolderImages(torch.utils.data.Dataset):
     """Item ``(epoch, index)`` -> (uint8 image(s), label). ``mode="crops"``: [2, 3, S, S], the two views'
     random-resized crops; ``mode="centre"``: [3, S, S] as ``readers.decode_image`` makes it."""
 
-    def __init__(self, files: Sequence[tuple[object, int]], size: int, augment: AugmentConfig, seed: int,
-                 mode: str = "crops"):
+    def __init__(
+        self, files: Sequence[tuple[object, int]], size: int, augment: AugmentConfig, seed: int, mode: str = "crops"
+    ):
         if mode not in ("crops", "centre"):
             raise ValueError(f"mode must be 'crops' or 'centre', got {mode!r}")
         self.paths = [str(p) for p, _ in files]
@@ -68,8 +69,9 @@ class FolderImages(torch.utils.data.Dataset):
                 W, H = im.size
                 for v, view in enumerate(self.views):
                     if self.crop:
-                        top, left, h, w = sample_crop_boxes(1, (H, W), view.crop_scale, view.crop_ratio, g,
-                                                            torch.device("cpu"))["crop_box"][0].tolist()
+                        top, left, h, w = sample_crop_boxes(
+                            1, (H, W), view.crop_scale, view.crop_ratio, g, torch.device("cpu")
+                        )["crop_box"][0].tolist()
                         box = (left, top, left + w, top + h)
                     else:
                         box = (0, 0, W, H)
@@ -142,7 +144,9 @@ class FolderStream:
         if self._loader is None:
             workers = self.cfg.data.num_workers
             self._loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=self._plan, num_workers=workers,
+                self.dataset,
+                batch_sampler=self._plan,
+                num_workers=workers,
                 pin_memory=self.device.type == "cuda",
                 prefetch_factor=self.cfg.data.prefetch_batches if workers else None,
                 persistent_workers=workers > 0,

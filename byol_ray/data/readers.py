@@ -66,7 +66,7 @@ class ImageData:
     def channels(self) -> int:
         return self.images.shape[1]
 
-    def subset(self, n: int) -> "ImageData":
+    def subset(self, n: int) -> ImageData:
         """The first n images; n=0 (or n >= len) returns self."""
         if n <= 0 or n >= len(self):
             return self
@@ -146,7 +146,9 @@ def data_error(path: Path | str, problem: str, fix: str) -> DataError:
 def _root(cfg: DataConfig) -> Path:
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
-        raise data_error(root, f"data.root does not exist or is not a folder (data.dataset={cfg.dataset})", _FIX[cfg.dataset])
+        raise data_error(
+            root, f"data.root does not exist or is not a folder (data.dataset={cfg.dataset})", _FIX[cfg.dataset]
+        )
     return root
 
 
@@ -271,8 +273,12 @@ def _idx_dims(cfg: DataConfig, path: Path, magic: int) -> tuple[int, ...]:
             (isize,) = struct.unpack("<I", f.read(4))
         want = hlen + math.prod(dims)
         if isize != want % (1 << 32):
-            raise data_error(path, f"gzip trailer says {isize} uncompressed bytes but the header {list(dims)} needs {want}; "
-                       "the file is probably truncated", _REFETCH + _FIX[cfg.dataset])  # fmt: skip
+            raise data_error(
+                path,
+                f"gzip trailer says {isize} uncompressed bytes but the header {list(dims)} needs {want}; "
+                "the file is probably truncated",
+                _REFETCH + _FIX[cfg.dataset],
+            )
     else:
         _idx_check_length(cfg, path, path.stat().st_size, hlen, dims)
     return dims
@@ -326,7 +332,9 @@ def _unpickle(cfg: DataConfig, path: Path) -> dict:
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="bytes")  # written by Python 2: str keys come back as bytes
     except Exception as e:  # unpickling a damaged file can raise almost anything
-        raise data_error(path, f"is not a readable pickle ({type(e).__name__}: {e})", _REFETCH + _FIX[cfg.dataset]) from None
+        raise data_error(
+            path, f"is not a readable pickle ({type(e).__name__}: {e})", _REFETCH + _FIX[cfg.dataset]
+        ) from None
     if not isinstance(d, dict):
         raise data_error(path, f"holds a {type(d).__name__}, expected a dict of arrays", _REFETCH + _FIX[cfg.dataset])
     return d
@@ -367,7 +375,9 @@ def _check_cifar(cfg: DataConfig, split: str) -> None:  # counting would mean un
         with open(path, "rb") as f:
             f.seek(max(0, path.stat().st_size - 1))
             if f.read(1) != b".":
-                raise data_error(path, "is empty or truncated (does not end like a pickle)", _REFETCH + _FIX[cfg.dataset])
+                raise data_error(
+                    path, "is empty or truncated (does not end like a pickle)", _REFETCH + _FIX[cfg.dataset]
+                )
 
 
 # ---- stl10: binary ------------------------------------------------------------------------------
@@ -384,8 +394,11 @@ def _stl_files(cfg: DataConfig, split: str) -> tuple[Path, Path | None, Path]:
 def _stl_count(cfg: DataConfig, path: Path) -> int:
     size = path.stat().st_size
     if size == 0 or size % _STL_IMAGE:
-        raise data_error(path, f"size {size} bytes is not a positive multiple of one 3x96x96 image ({_STL_IMAGE} bytes)",
-                   _REFETCH + _FIX[cfg.dataset])  # fmt: skip
+        raise data_error(
+            path,
+            f"size {size} bytes is not a positive multiple of one 3x96x96 image ({_STL_IMAGE} bytes)",
+            _REFETCH + _FIX[cfg.dataset],
+        )
     return size // _STL_IMAGE
 
 
@@ -429,7 +442,9 @@ def folder_files(cfg: DataConfig, split: str) -> tuple[list[tuple[Path, int]], l
     names = ("train",) if split == "train" else ("val", "test")
     split_dir = next((root / n for n in names if (root / n).is_dir()), None)
     if split_dir is None:
-        raise data_error(root / names[0], f"split folder not found (looked for {' or '.join(names)})", _FIX[cfg.dataset])
+        raise data_error(
+            root / names[0], f"split folder not found (looked for {' or '.join(names)})", _FIX[cfg.dataset]
+        )
     # Labels index the train split's classes, so that train and test labels agree even if the test
     # folder lacks a class.
     classes = [p.name for p in _class_dirs(cfg, root / "train" if (root / "train").is_dir() else split_dir)]

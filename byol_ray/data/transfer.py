@@ -30,11 +30,14 @@ def load_digits_splits(seed: int = 0, test_fraction: float = 0.3) -> tuple[Image
     d = load_digits()
     images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # [N, 1, 8, 8]
     labels = d.target.astype(np.int64)
-    tr, te = train_test_split(np.arange(len(labels)), test_size=test_fraction, stratify=labels,
-                              random_state=seed)
+    tr, te = train_test_split(np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed)
     classes = [str(c) for c in d.target_names]
-    return tuple(ImageData(torch.from_numpy(np.ascontiguousarray(images[i])), torch.from_numpy(labels[i]),
-                           classes, f"digits/{name}") for i, name in ((tr, "train"), (te, "test")))
+    return tuple(
+        ImageData(
+            torch.from_numpy(np.ascontiguousarray(images[i])), torch.from_numpy(labels[i]), classes, f"digits/{name}"
+        )
+        for i, name in ((tr, "train"), (te, "test"))
+    )
 
 
 def adapt(data: ImageData, channels: int, size: int) -> tuple[ImageData, list[str]]:
@@ -53,15 +56,17 @@ def adapt(data: ImageData, channels: int, size: int) -> tuple[ImageData, list[st
     if (h, w) != (size, size):
         # The evaluation transform without normalisation (mean 0, std 1) gives [0, 1] floats.
         x = (eval_transform(x, size, [0.0], [1.0]) * 255).round().clamp(0, 255).to(torch.uint8)
-        notes.append(f"{data.name}: {h}x{w} images resized (antialiased bilinear, centre crop) to "
-                     f"the encoder's {size}x{size}")
+        notes.append(
+            f"{data.name}: {h}x{w} images resized (antialiased bilinear, centre crop) to the encoder's {size}x{size}"
+        )
     if not notes:
         return data, notes
     return ImageData(x.contiguous(), data.labels, data.classes, data.name), notes
 
 
-def load_transfer(dataset: str, root: str, channels: int, size: int, seed: int = 0,
-                  train_subset: int = 0, test_subset: int = 0) -> tuple[ImageData, ImageData, list[str]]:
+def load_transfer(
+    dataset: str, root: str, channels: int, size: int, seed: int = 0, train_subset: int = 0, test_subset: int = 0
+) -> tuple[ImageData, ImageData, list[str]]:
     """Train and test splits of a transfer dataset, adapted to the encoder (notes say how)."""
     if dataset == "digits":
         train, test = load_digits_splits(seed)
@@ -69,8 +74,9 @@ def load_transfer(dataset: str, root: str, channels: int, size: int, seed: int =
     elif dataset in DATASETS:
         if not root:
             raise UserError(f"transfer dataset {dataset} needs --data-root (the folder holding its files)")
-        cfg = DataConfig(dataset=dataset, root=root, image_size=size, train_subset=train_subset,
-                         test_subset=test_subset)
+        cfg = DataConfig(
+            dataset=dataset, root=root, image_size=size, train_subset=train_subset, test_subset=test_subset
+        )
         train, test = load_split(cfg, "train"), load_split(cfg, "test")
     else:
         raise UserError(f"unknown transfer dataset {dataset!r}; choose one of {', '.join(TRANSFER_DATASETS)}")

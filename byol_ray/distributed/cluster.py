@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ray
 
@@ -21,9 +22,11 @@ class ResourceError(UserError):
     pass
 
 
-_FIX_ADDRESS = ("Start the cluster (`ray start --head`), fix the address (host:port of the head, 6379 by "
-                "default; ray://host:10001 for Ray Client), or leave run.address empty and unset RAY_ADDRESS to "
-                "start a local Ray.")
+_FIX_ADDRESS = (
+    "Start the cluster (`ray start --head`), fix the address (host:port of the head, 6379 by "
+    "default; ray://host:10001 for Ray Client), or leave run.address empty and unset RAY_ADDRESS to "
+    "start a local Ray."
+)
 
 
 def ray_target(address: str) -> tuple[str, str]:
@@ -51,8 +54,10 @@ def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None
     if address in ("", "auto"):
         return
     if address.startswith(("http://", "https://")):
-        raise UserError(f"{source} is a Ray dashboard (job API) address: `ray job` commands use it, but a driver "
-                        f"connects to the cluster itself. {_FIX_ADDRESS}")
+        raise UserError(
+            f"{source} is a Ray dashboard (job API) address: `ray job` commands use it, but a driver "
+            f"connects to the cluster itself. {_FIX_ADDRESS}"
+        )
     host, _, port = address.removeprefix("ray://").rstrip("/").rpartition(":")
     if not host or not port.isdigit():
         raise UserError(f"{source} is not host:port. {_FIX_ADDRESS}")
@@ -138,8 +143,11 @@ def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) ->
     if fit < r.num_workers:
         total_cpu = sum(c for c, _, _ in caps)
         total_gpu = sum(g for _, g, _ in caps)
-        where = ("this machine (for the local Ray this run would start)" if local
-                 else f"the Ray cluster's {len(caps)} node(s)")
+        where = (
+            "this machine (for the local Ray this run would start)"
+            if local
+            else f"the Ray cluster's {len(caps)} node(s)"
+        )
         raise ResourceError(
             f"the Ray cluster cannot hold {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU"
             + (f" + {need_gpu:g} GPU" if need_gpu else "")
@@ -157,7 +165,7 @@ def request_worker_group(cfg: Config) -> None:
 
 
 def training_device(cfg: Config) -> str:
-    """"cuda" when the workers will train on GPUs: run.device=cuda, or auto on a cluster that has GPUs."""
+    """ "cuda" when the workers will train on GPUs: run.device=cuda, or auto on a cluster that has GPUs."""
     if cfg.run.device != "auto":
         return cfg.run.device
     connect(cfg.run.address)
@@ -180,8 +188,11 @@ def run_remote(fn: Callable[[Any], Any], arg: Any, address: str, cpus: float, gp
     started = connect(address)
     try:
         if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in _live_nodes()):
-            raise ResourceError(f"no node of the Ray cluster has {cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
-                                + " free for the task. Lower --cpus/--gpus or add a node.")
+            raise ResourceError(
+                f"no node of the Ray cluster has {cpus:g} CPUs"
+                + (f" and {gpus:g} GPUs" if gpus else "")
+                + " free for the task. Lower --cpus/--gpus or add a node."
+            )
         return ray.get(ray.remote(num_cpus=cpus, num_gpus=gpus)(fn).remote(arg))
     finally:
         if started:

@@ -38,9 +38,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     session = RaySession()
     log(f"[worker] rank {session.rank} of {session.world_size} on node {ray.get_runtime_context().get_node_id()}")
     run_id = loop_config.get("mlflow_run_id", "")
-    writer = (worker_tracker(loop_config["tracking_uri"], run_id, loop_config.get("undelivered_path") or None,
-                             cfg.tracking)
-              if (run_id and session.rank == 0) else contextlib.nullcontext())
+    writer = (
+        worker_tracker(loop_config["tracking_uri"], run_id, loop_config.get("undelivered_path") or None, cfg.tracking)
+        if (run_id and session.rank == 0)
+        else contextlib.nullcontext()
+    )
     with writer as tracker:
         pretrain(cfg, session, tracker, run_id)
 
@@ -56,8 +58,13 @@ def quiet_ray_train_reports() -> None:
         logging.getLogger(module.__name__).setLevel(logging.WARNING)
 
 
-def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "",
-                 callbacks: list | None = None, run_name: str = "") -> dict[str, Any]:
+def run_training(
+    cfg: Config,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str = "",
+    callbacks: list | None = None,
+    run_name: str = "",
+) -> dict[str, Any]:
     """Driver: preflight, MLflow run, TorchTrainer.fit, model and evaluation table logged at the end.
 
     `callbacks` go to Ray Train's RunConfig (a sweep passes Tune's TuneReportCallback); `parent_run_id`
@@ -78,8 +85,9 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
             "tracking_uri": uri,
             "undelivered_path": str(undelivered_path(cfg)),
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu="GPU" in resources,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.num_workers, use_gpu="GPU" in resources, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=storage_path(cfg),
@@ -104,6 +112,7 @@ def run_training(cfg: Config, tags: dict[str, str] | None = None, parent_run_id:
         # Best effort: the error being raised matters more than one the tracking server adds.
         if tracker:
             # SystemExit: Ray's SIGTERM (e.g. Tune stopping a trial early), not a failure of the run.
-            tracker.end_after_error("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED",
-                                    f"{type(e).__name__}: {e}")
+            tracker.end_after_error(
+                "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED", f"{type(e).__name__}: {e}"
+            )
         raise

@@ -71,6 +71,7 @@ def check_resume(cfg: Config) -> None:
         return
     state, skipped = found
     for path, why in skipped:
-        print(f"[driver] the checkpoint {path} cannot be read ({why}); the run resumes from the one before it",
-              flush=True)
+        print(
+            f"[driver] the checkpoint {path} cannot be read ({why}); the run resumes from the one before it", flush=True
+        )
     check_compatible(state, cfg)

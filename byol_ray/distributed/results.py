@@ -21,8 +21,13 @@ def finish_run(cfg: Config, tracker: Tracker | None, result, wall: float) -> dic
     """Print and write the evaluation table, log it and the encoder, end the MLflow run."""
     metrics = dict(result.metrics or {})
     rows = [EvalRow(**json.loads(r)) for r in metrics.get("eval_rows", [])]
-    out: dict[str, Any] = {"metrics": metrics, "rows": rows, "wall_seconds": wall,
-                           "checkpoint": result.checkpoint, "run_id": tracker.run_id if tracker else ""}
+    out: dict[str, Any] = {
+        "metrics": metrics,
+        "rows": rows,
+        "wall_seconds": wall,
+        "checkpoint": result.checkpoint,
+        "run_id": tracker.run_id if tracker else "",
+    }
     files = write_table(rows, cfg.output_dir / cfg.run.name) if rows else {}
     if rows:
         print("\n" + rows_to_markdown(rows), flush=True)
@@ -35,8 +40,13 @@ def finish_run(cfg: Config, tracker: Tracker | None, result, wall: float) -> dic
             late = deliver_undelivered(tracker, undelivered_path(cfg))
             if late:
                 print(late, flush=True)
-            tracker.set_tags({"restarts": str(int(metrics.get("restarts", 0))), "wall_seconds": f"{wall:.0f}",
-                              "collapsed": str(bool(metrics.get("collapsed", 0))).lower()})
+            tracker.set_tags(
+                {
+                    "restarts": str(int(metrics.get("restarts", 0))),
+                    "wall_seconds": f"{wall:.0f}",
+                    "collapsed": str(bool(metrics.get("collapsed", 0))).lower(),
+                }
+            )
             for f in files.values():
                 tracker.log_artifact(f)
             if cfg.tracking.log_model and result.checkpoint is not None:

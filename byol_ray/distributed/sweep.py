@@ -39,8 +39,9 @@ def trial_key(variant: str, seed: int) -> str:
     return json.dumps([variant, seed])
 
 
-def trial_fn(config: dict[str, Any], trials: dict[str, dict[str, Any]], parent_run_id: str,
-             tags: dict[str, dict[str, str]]) -> None:
+def trial_fn(
+    config: dict[str, Any], trials: dict[str, dict[str, Any]], parent_run_id: str, tags: dict[str, dict[str, str]]
+) -> None:
     """One Tune trial: a Ray Train run of one (variant, seed), its metrics forwarded to Tune each epoch."""
     key = config["trial"]
     cfg = Config.from_dict(trials[key])
@@ -51,8 +52,13 @@ def trial_fn(config: dict[str, Any], trials: dict[str, dict[str, Any]], parent_r
         tune.report(done)
         return
     variant, seed = json.loads(key)
-    run_training(cfg, tags=tags[key], parent_run_id=parent_run_id, callbacks=[TuneReportCallback()],
-                 run_name=trial_run_name(variant, seed))
+    run_training(
+        cfg,
+        tags=tags[key],
+        parent_run_id=parent_run_id,
+        callbacks=[TuneReportCallback()],
+        run_name=trial_run_name(variant, seed),
+    )
 
 
 def max_concurrent_trials(cfg: Config) -> int:
@@ -60,26 +66,34 @@ def max_concurrent_trials(cfg: Config) -> int:
     return max(1, worker_capacity(cfg) // cfg.run.num_workers)
 
 
-def run_sweep(spec: SweepSpec, cli_overrides: list[str], fresh: bool = False,
-              max_concurrent: int = 0) -> dict[str, Any]:
+def run_sweep(
+    spec: SweepSpec, cli_overrides: list[str], fresh: bool = False, max_concurrent: int = 0
+) -> dict[str, Any]:
     # Every trial's config was validated by load_sweep; the first one stands for the sweep's storage,
     # tracking and resources until the parent run (and so the trials' names) exists.
     base = spec.trial_config(spec.variants[0].name, spec.seeds[0], cli_overrides)
     if not base.tracking.enabled:
-        raise UserError("a sweep records its trials as MLflow runs and builds its table from them: "
-                        "remove tracking.enabled=false")
+        raise UserError(
+            "a sweep records its trials as MLflow runs and builds its table from them: remove tracking.enabled=false"
+        )
     uri = preflight(base)
     out_dir = base.output_dir / f"sweep-{spec.name}"
     tracker, finished = open_parent(spec, base, cli_overrides, fresh, out_dir)
     if finished:
-        print(f"[sweep] sweep {spec.name!r} already finished (MLflow run {tracker.run_id}); its table follows. "
-              f"Use --fresh to run it again.", flush=True)
+        print(
+            f"[sweep] sweep {spec.name!r} already finished (MLflow run {tracker.run_id}); its table follows. "
+            f"Use --fresh to run it again.",
+            flush=True,
+        )
         return build_report(tracker, out_dir)
 
     # Names carry the parent run's id: a --fresh sweep never resumes the old sweep's Ray Train runs.
     instance = tracker.run_id[:8]
-    trials_cfg = {trial_key(v.name, s): spec.trial_config(v.name, s, cli_overrides, instance=instance)
-                  for v in spec.variants for s in spec.seeds}
+    trials_cfg = {
+        trial_key(v.name, s): spec.trial_config(v.name, s, cli_overrides, instance=instance)
+        for v in spec.variants
+        for s in spec.seeds
+    }
     tags = {trial_key(v.name, s): trial_tags(spec, v.name, s) for v in spec.variants for s in spec.seeds}
     try:
         reserve_worker_group(base)
@@ -87,21 +101,33 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], fresh: bool = False,
             concurrency = max_concurrent or len(trials_cfg)
         else:
             concurrency = max_concurrent or max_concurrent_trials(base)
-        print(f"[sweep] {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = {len(trials_cfg)} "
-              f"trials, {concurrency} at a time; MLflow {uri}", flush=True)
+        print(
+            f"[sweep] {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = {len(trials_cfg)} "
+            f"trials, {concurrency} at a time; MLflow {uri}",
+            flush=True,
+        )
 
         trainable = tune.with_resources(
-            tune.with_parameters(trial_fn, trials={k: c.to_dict() for k, c in trials_cfg.items()},
-                                 parent_run_id=tracker.run_id, tags=tags),
+            tune.with_parameters(
+                trial_fn,
+                trials={k: c.to_dict() for k, c in trials_cfg.items()},
+                parent_run_id=tracker.run_id,
+                tags=tags,
+            ),
             TRIAL_DRIVER_RESOURCES,
         )
         scheduler = None
         if spec.asha.enabled:
             # max_t one past the last epoch: ASHA stops every trial that reaches max_t, which would kill the
             # ones that completed while their driver still logs the table and ends the MLflow run.
-            scheduler = ASHAScheduler(time_attr="epoch", metric=spec.asha.metric, mode="max",
-                                      max_t=base.optim.epochs + 1, grace_period=spec.asha.grace_epochs,
-                                      reduction_factor=spec.asha.reduction_factor)
+            scheduler = ASHAScheduler(
+                time_attr="epoch",
+                metric=spec.asha.metric,
+                mode="max",
+                max_t=base.optim.epochs + 1,
+                grace_period=spec.asha.grace_epochs,
+                reduction_factor=spec.asha.reduction_factor,
+            )
         exp_name = f"sweep-{spec.name}-{instance}"
         exp_path = Path(storage_path(base)) / exp_name
         t0 = time.time()
@@ -113,8 +139,12 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], fresh: bool = False,
                 trainable,
                 param_space={"trial": tune.grid_search(list(trials_cfg))},
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler),
-                run_config=tune.RunConfig(name=exp_name, storage_path=storage_path(base), verbose=1,
-                                          failure_config=tune.FailureConfig(max_failures=0)),
+                run_config=tune.RunConfig(
+                    name=exp_name,
+                    storage_path=storage_path(base),
+                    verbose=1,
+                    failure_config=tune.FailureConfig(max_failures=0),
+                ),
             )
         grid = tuner.fit()
         wall = time.time() - t0
@@ -126,19 +156,26 @@ def run_sweep(spec: SweepSpec, cli_overrides: list[str], fresh: bool = False,
         # Ctrl-C: Tune stops gracefully and returns; what ran is saved for the resume.
         settle_children(tracker, "sweep interrupted")
         tracker.end("KILLED")
-        print(f"[sweep] interrupted with {grid.num_terminated} of {len(trials_cfg)} trials done; rerun the same "
-              f"command to resume (finished trials are kept)", file=sys.stderr, flush=True)
+        print(
+            f"[sweep] interrupted with {grid.num_terminated} of {len(trials_cfg)} trials done; rerun the same "
+            f"command to resume (finished trials are kept)",
+            file=sys.stderr,
+            flush=True,
+        )
         raise KeyboardInterrupt
     errors = [r for r in grid if r.error is not None]
     stopped = settle_children(tracker, "asha" if spec.asha.enabled else "ended early")
-    tracker.set_tags({"wall_seconds": f"{wall:.0f}", "trials_errored": str(len(errors)),
-                      "trials_stopped_early": str(len(stopped))})
+    tracker.set_tags(
+        {"wall_seconds": f"{wall:.0f}", "trials_errored": str(len(errors)), "trials_stopped_early": str(len(stopped))}
+    )
     report = build_report(tracker, out_dir)
     if errors:
         tracker.end("FAILED")
         msgs = "; ".join(f"{r.config.get('trial')}: {str(r.error).splitlines()[0][:300]}" for r in errors[:5])
-        raise UserError(f"sweep {spec.name!r}: {len(errors)} of {len(trials_cfg)} trial(s) failed ({msgs}). "
-                        f"Fix the cause and rerun the same command: finished trials are kept, failed ones rerun.")
+        raise UserError(
+            f"sweep {spec.name!r}: {len(errors)} of {len(trials_cfg)} trial(s) failed ({msgs}). "
+            f"Fix the cause and rerun the same command: finished trials are kept, failed ones rerun."
+        )
     tracker.end("FINISHED")
     print(f"[sweep] {spec.name} done in {wall / 60:.1f} min; MLflow parent run {tracker.run_id}", flush=True)
     return report

@@ -88,8 +88,10 @@ def load_encoder(ref: EncoderRef):
     try:
         encoder.load_state_dict(weights)
     except RuntimeError as e:
-        raise UserError(f"--encoder {ref.source}: its weights do not fit the encoder of its run's "
-                        f"config.json ({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"--encoder {ref.source}: its weights do not fit the encoder of its run's "
+            f"config.json ({str(e).splitlines()[0]})"
+        ) from None
     return encoder.eval(), channels
 
 

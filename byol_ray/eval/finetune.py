@@ -19,7 +19,7 @@ The paper's protocol (section 4, table 2) scaled down to a 2-core CPU:
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from ..core.schedules import cosine_decay
 from ..data.augment import ViewTransform
 from ..errors import UserError
 from .scoring import extract_features, topk_accuracy
+
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneOptions:
@@ -48,8 +49,9 @@ FINETUNE_VIEW = ViewConfig(crop_scale=(0.5, 1.0), flip_prob=0.5)
 FINETUNE_OPS = ("crop", "flip")
 
 
-def balanced_subset(labels: torch.Tensor, fraction: float, seed: int,
-                    exclude: torch.Tensor | None = None) -> torch.Tensor:
+def balanced_subset(
+    labels: torch.Tensor, fraction: float, seed: int, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sorted indices of a class-balanced subset: round(fraction * N / n_classes) images of every class.
 
     Deterministic per (labels, fraction, seed); images in `exclude` are never picked (a held-out slice
@@ -98,8 +100,9 @@ def finetune(
     model = nn.Sequential(encoder, head).to(device)
     fmt = memory_format(o.channels_last, model, device)
     model = model.to(memory_format=fmt)
-    view = ViewTransform(FINETUNE_VIEW if o.flip else dataclasses.replace(FINETUNE_VIEW, flip_prob=0.0),
-                         FINETUNE_OPS, size, mean, std)
+    view = ViewTransform(
+        FINETUNE_VIEW if o.flip else dataclasses.replace(FINETUNE_VIEW, flip_prob=0.0), FINETUNE_OPS, size, mean, std
+    )
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_decay(s, steps))
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -132,8 +135,16 @@ def _batches(n: int, batch: int, steps: int, seed: int) -> list[torch.Tensor]:
     return out
 
 
-def classify(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, size: int, mean, std,
-             batch_size: int = 512, device: torch.device | str = "cpu") -> dict[str, float]:
+def classify(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    size: int,
+    mean,
+    std,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """Top-1/top-5 (%) of a classifier under the evaluation transform."""
     logits = extract_features(model, images, size, mean, std, batch_size, device)
     return {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
@@ -164,8 +175,19 @@ def finetune_and_score(
         raise ValueError("several learning rates need a held-out set to choose between them")
     best, val_scores = None, {}
     for lr in lrs:
-        model = finetune(make_encoder(), n_classes, train_images, train_labels, size, mean, std, lr=lr,
-                         steps=steps, options=options, log=log)
+        model = finetune(
+            make_encoder(),
+            n_classes,
+            train_images,
+            train_labels,
+            size,
+            mean,
+            std,
+            lr=lr,
+            steps=steps,
+            options=options,
+            log=log,
+        )
         if len(lrs) == 1:
             best = (lr, model)
             break

@@ -22,8 +22,8 @@ refitted on the whole train split with the best value and scored on the test spl
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -53,8 +53,9 @@ class FeatureSplit:
         return int(max(self.train_y.max(), self.test_y.max())) + 1
 
 
-def train_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, lr: float, epochs: int,
-                 batch_size: int = 1024, seed: int = 0) -> nn.Linear:
+def train_linear(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, lr: float, epochs: int, batch_size: int = 1024, seed: int = 0
+) -> nn.Linear:
     """SGD-Nesterov logistic regression on (already standardised) features; zero init, seeded order."""
     head = nn.Linear(x.shape[1], n_classes)
     nn.init.zeros_(head.weight)
@@ -128,6 +129,7 @@ def linear_eval(
     log: Callable[[str], None] = print,
 ) -> dict:
     """SGD protocol. Returns test top1/top5 (%), the chosen lr and every lr's held-out top-1."""
+
     def fit(x, y, n_classes, lr):
         return train_linear(x, y, n_classes, lr, epochs, batch_size, seed)
 
@@ -144,9 +146,9 @@ def regularised_linear_eval(
     log: Callable[[str], None] = print,
 ) -> dict:
     """L-BFGS transfer protocol. Returns test top1/top5 (%), the chosen weight decay, held-out top-1s."""
+
     def fit(x, y, n_classes, wd):
         return fit_logistic(x, y, n_classes, wd, max_iter)
 
-    scores, wd, val = _select_and_refit(split, weight_decays, fit, True, holdout_fraction, seed, log,
-                                        "weight decay")
+    scores, wd, val = _select_and_refit(split, weight_decays, fit, True, holdout_fraction, seed, log, "weight decay")
     return {**scores, "weight_decay": wd, "val_top1": val}

@@ -7,9 +7,9 @@ on the same splits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +56,9 @@ def standardise(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tens
     return [(x - mu) / sd for x in (train_x, *others)]
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float,
-                 max_iter: int = 100) -> nn.Linear:
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float, max_iter: int = 100
+) -> nn.Linear:
     """L2-regularised multinomial logistic regression, full-batch L-BFGS in float64, zero init.
 
     Deterministic (no sampling, no init noise), so two fits on the same features give the same head. The
@@ -67,8 +68,15 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay:
     head = nn.Linear(x.shape[1], n_classes).double()
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+    opt = torch.optim.LBFGS(
+        head.parameters(),
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -166,8 +174,10 @@ def evaluate_encoders(
         ftr = extract_features(enc, train_images, size, mean, std, cfg.batch_size, device)
         fte = extract_features(enc, test_images, size, mean, std, cfg.batch_size, device)
         row = score_features(name, ftr, train_labels, fte, test_labels, cfg)
-        log(f"[eval] {name:<18} linear top-1 {row.linear_top1:6.2f}  top-5 {row.linear_top5:6.2f}  "
-            f"kNN {row.knn_top1:6.2f}  (dim {row.feature_dim})")
+        log(
+            f"[eval] {name:<18} linear top-1 {row.linear_top1:6.2f}  top-5 {row.linear_top5:6.2f}  "
+            f"kNN {row.knn_top1:6.2f}  (dim {row.feature_dim})"
+        )
         rows.append(row)
     return rows
 
@@ -221,14 +231,21 @@ class ResultTable:
 
     def to_markdown(self) -> str:
         cell = lambda row, c: f"{row[c]:.2f}" if c in row else "-"  # noqa: E731
-        lines = [f"**{self.title}**", "", "| method | " + " | ".join(self.columns) + " |",
-                 "|---|" + "---:|" * len(self.columns)]
+        lines = [
+            f"**{self.title}**",
+            "",
+            "| method | " + " | ".join(self.columns) + " |",
+            "|---|" + "---:|" * len(self.columns),
+        ]
         for name, row in self.rows.items():
             lines.append(f"| {name} | " + " | ".join(cell(row, c) for c in self.columns) + " |")
         d = self.deltas()
         if d:
-            lines.append(f"| {self.main} - {self.baseline} | "
-                         + " | ".join(f"{d[c]:+.2f}" if c in d else "-" for c in self.columns) + " |")
+            lines.append(
+                f"| {self.main} - {self.baseline} | "
+                + " | ".join(f"{d[c]:+.2f}" if c in d else "-" for c in self.columns)
+                + " |"
+            )
         for name, row in (self.reference or {}).items():
             lines.append(f"| *{name}* | " + " | ".join(cell(row, c) for c in self.columns) + " |")
         if self.notes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from .uri import artifacts_at_risk, redact, sqlite_path
 
@@ -38,8 +38,9 @@ def get_or_create_experiment(c, name: str, artifact_location: str | None) -> str
     artifacts would be lost."""
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        exp = c.get_experiment(c.create_experiment(name, artifact_location=artifact_location,
-                                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
+        exp = c.get_experiment(
+            c.create_experiment(name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        )
     elif EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag was set, or by someone else
         c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     warn_if_artifacts_at_risk(exp, c.tracking_uri, artifact_location)
@@ -59,13 +60,18 @@ def warn_if_artifacts_at_risk(exp, uri: str, artifact_location: str | None) -> N
     fresh = f" (its artifacts will go to {artifact_location})" if artifact_location else ""
     repoint = ""
     if (db := sqlite_path(uri)) is not None and artifact_location:
-        repoint = (f" Or keep the experiment and send its new runs' artifacts beside the store: sqlite3 {db} "
-                   f"\"UPDATE experiments SET artifact_location='{artifact_location}' WHERE name='{exp.name}'\".")
-    print(f"byol-ray: warning: MLflow experiment {exp.name!r} in {redact(uri)} keeps its artifacts in "
-          f"{exp.artifact_location}, {why}: the config, evaluation tables and models logged to its runs are lost "
-          f"with that folder (those of earlier runs may be gone already; metrics and params are in the store). "
-          f"To move on, log to a new experiment with tracking.experiment={exp.name}-2{fresh}.{repoint}",
-          file=sys.stderr, flush=True)
+        repoint = (
+            f" Or keep the experiment and send its new runs' artifacts beside the store: sqlite3 {db} "
+            f"\"UPDATE experiments SET artifact_location='{artifact_location}' WHERE name='{exp.name}'\"."
+        )
+    print(
+        f"byol-ray: warning: MLflow experiment {exp.name!r} in {redact(uri)} keeps its artifacts in "
+        f"{exp.artifact_location}, {why}: the config, evaluation tables and models logged to its runs are lost "
+        f"with that folder (those of earlier runs may be gone already; metrics and params are in the store). "
+        f"To move on, log to a new experiment with tracking.experiment={exp.name}-2{fresh}.{repoint}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def delivery_errors() -> tuple[type[BaseException], ...]:

@@ -57,14 +57,21 @@ def ablation_table(runs: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame:
         done = r[r["status"] == "FINISHED"]
         lin_m, lin_s = _mean_std(done[LINEAR])
         knn_m, knn_s = _mean_std(done[KNN])
-        rows.append({
-            "variant": v.name, "seeds": int(done[LINEAR].notna().sum()), "trials": len(r),
-            "linear_mean": lin_m, "linear_std": lin_s, "knn_mean": knn_m, "knn_std": knn_s,
-            # The tag is set by the driver at the end; the per-epoch metric survives a trial cut short.
-            "collapsed": int(((r["tags.collapsed"] == "true") | (r["metrics.collapsed"] == 1.0)).sum()),
-            "stopped_early": int(r["tags.stopped"].notna().sum()),
-            "paper": v.paper if v.paper is not None else math.nan,
-        })
+        rows.append(
+            {
+                "variant": v.name,
+                "seeds": int(done[LINEAR].notna().sum()),
+                "trials": len(r),
+                "linear_mean": lin_m,
+                "linear_std": lin_s,
+                "knn_mean": knn_m,
+                "knn_std": knn_s,
+                # The tag is set by the driver at the end; the per-epoch metric survives a trial cut short.
+                "collapsed": int(((r["tags.collapsed"] == "true") | (r["metrics.collapsed"] == 1.0)).sum()),
+                "stopped_early": int(r["tags.stopped"].notna().sum()),
+                "paper": v.paper if v.paper is not None else math.nan,
+            }
+        )
     t = pd.DataFrame(rows)
     b = t[t["variant"] == spec.baseline].iloc[0]
     t["delta"] = t["linear_mean"] - b["linear_mean"]
@@ -98,18 +105,25 @@ def _signed(x: float) -> str:
 
 
 def to_markdown(t: pd.DataFrame, spec: SweepSpec) -> str:
-    head = ("| variant | seeds | linear top-1 | kNN top-1 | Δ linear | paper | paper Δ | "
-            "our order vs paper's | ordering holds | collapsed |")
-    lines = [f"**{spec.ablation}** (sweep `{spec.name}`, baseline `{spec.baseline}`; ours: mean ± std over "
-             f"seeds; a difference counts beyond {SIGMAS:g} pooled std, the paper's beyond {PAPER_TIE:g} point)",
-             "", head, "|" + "---|" * 10]
+    head = (
+        "| variant | seeds | linear top-1 | kNN top-1 | Δ linear | paper | paper Δ | "
+        "our order vs paper's | ordering holds | collapsed |"
+    )
+    lines = [
+        f"**{spec.ablation}** (sweep `{spec.name}`, baseline `{spec.baseline}`; ours: mean ± std over "
+        f"seeds; a difference counts beyond {SIGMAS:g} pooled std, the paper's beyond {PAPER_TIE:g} point)",
+        "",
+        head,
+        "|" + "---|" * 10,
+    ]
     for _, r in t.iterrows():
         lines.append(
             f"| {r['variant']} | {r['seeds']} | {_pm(r['linear_mean'], r['linear_std'])} | "
             f"{_pm(r['knn_mean'], r['knn_std'])} | {_signed(r['delta'])} | "
             f"{'-' if math.isnan(r['paper']) else f'{r.paper:.1f}'} | {_signed(r['paper_delta'])} | "
             f"{r['ours_order']} / {r['paper_order']} | {r['ordering_holds']} | "
-            f"{r['collapsed']}/{r['trials']} |")
+            f"{r['collapsed']}/{r['trials']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -122,8 +136,10 @@ def plot(t: pd.DataFrame, spec: SweepSpec, path: Path) -> None:
     n = len(t)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 0.45 * n + 1.8), sharey=True)
     y = list(range(n))[::-1]
-    colors = ["tab:red" if c else ("tab:gray" if v == spec.baseline else "tab:blue")
-              for c, v in zip(t["collapsed"], t["variant"])]
+    colors = [
+        "tab:red" if c else ("tab:gray" if v == spec.baseline else "tab:blue")
+        for c, v in zip(t["collapsed"], t["variant"])
+    ]
     ax1.barh(y, t["linear_mean"].fillna(0), xerr=t["linear_std"].fillna(0), color=colors, capsize=3)
     ax1.set_yticks(y, t["variant"])
     ax1.set_xlabel("linear top-1 (%), this sweep, mean ± std over seeds")
@@ -146,8 +162,11 @@ def build_report(tracker: Tracker, out_dir: Path) -> dict[str, Any]:
     spec = spec_of_parent(tracker)
     table = ablation_table(child_runs_frame(tracker.uri, tracker.run_id), spec)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"markdown": out_dir / f"{spec.name}_table.md", "csv": out_dir / f"{spec.name}_table.csv",
-             "png": out_dir / f"{spec.name}_table.png"}
+    files = {
+        "markdown": out_dir / f"{spec.name}_table.md",
+        "csv": out_dir / f"{spec.name}_table.csv",
+        "png": out_dir / f"{spec.name}_table.png",
+    }
     md = to_markdown(table, spec)
     files["markdown"].write_text(md)
     table.to_csv(files["csv"], index=False)
@@ -155,6 +174,9 @@ def build_report(tracker: Tracker, out_dir: Path) -> dict[str, Any]:
     for f in files.values():
         tracker.log_artifact(f)
     print("\n" + md, flush=True)
-    print(f"[report] written to {files['markdown']}, {files['csv']} and {files['png']}; logged to MLflow run "
-          f"{tracker.run_id}", flush=True)
+    print(
+        f"[report] written to {files['markdown']}, {files['csv']} and {files['png']}; logged to MLflow run "
+        f"{tracker.run_id}",
+        flush=True,
+    )
     return {"table": table, "files": files, "markdown": md, "parent_run_id": tracker.run_id}

@@ -23,8 +23,12 @@ PARENT_TAG = "mlflow.parentRunId"
 
 def find_sweep_parent(c, experiment_id: str, sweep_name: str):
     """The newest parent run of sweep `sweep_name` in the experiment, or None."""
-    runs = c.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_name}' and "
-                         f"tags.`{ROLE_TAG}` = 'sweep'", order_by=["attributes.start_time DESC"], max_results=1)
+    runs = c.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_name}' and tags.`{ROLE_TAG}` = 'sweep'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0] if runs else None
 
 
@@ -34,9 +38,11 @@ def sweep_parent_id(uri: str, experiment: str, sweep_name: str) -> str:
     exp = c.get_experiment_by_name(experiment)
     run = find_sweep_parent(c, exp.experiment_id, sweep_name) if exp else None
     if run is None:
-        raise UserError(f"no sweep {sweep_name!r} in the MLflow store {uri} (experiment {experiment!r}). Run "
-                        f"`byol-ray sweep {sweep_name}` first, or point at the store the sweep wrote to with the "
-                        f"same overrides (run.output_dir=..., tracking.tracking_uri=...).")
+        raise UserError(
+            f"no sweep {sweep_name!r} in the MLflow store {uri} (experiment {experiment!r}). Run "
+            f"`byol-ray sweep {sweep_name}` first, or point at the store the sweep wrote to with the "
+            f"same overrides (run.output_dir=..., tracking.tracking_uri=...)."
+        )
     return run.info.run_id
 
 
@@ -71,6 +77,7 @@ def download_json(uri: str, run_id: str, artifact_path: str) -> Any:
     import mlflow.artifacts
 
     with tempfile.TemporaryDirectory() as d:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=d,
-                                                    tracking_uri=uri)
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=d, tracking_uri=uri
+        )
         return json.loads(Path(local).read_text())

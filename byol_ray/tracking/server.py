@@ -20,8 +20,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import UserError
 from .client import client
@@ -66,23 +66,44 @@ def experiment_page(url: str, experiment: str) -> str:
     return f"{url}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" if exp else ""
 
 
-def server_command(host: str, port: int, backend_store_uri: str, artifacts_destination: str,
-                   workers: int = 1) -> list[str]:
+def server_command(
+    host: str, port: int, backend_store_uri: str, artifacts_destination: str, workers: int = 1
+) -> list[str]:
     """`mlflow server` from this interpreter's environment (the venv's MLflow, whatever PATH says).
 
     `--serve-artifacts` proxies artifact uploads through the server, so clients need no direct access
     to `--artifacts-destination` (a local folder here, an s3:// bucket on a cluster)."""
-    return [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
-            "--backend-store-uri", absolute_store_uri(backend_store_uri),
-            "--serve-artifacts", "--artifacts-destination", artifacts_destination,
-            "--workers", str(workers)]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        absolute_store_uri(backend_store_uri),
+        "--serve-artifacts",
+        "--artifacts-destination",
+        artifacts_destination,
+        "--workers",
+        str(workers),
+    ]
 
 
 class MlflowServer:
     """One `mlflow server` process group; `start()` again after `stop()` reuses the same port and store."""
 
-    def __init__(self, backend_store_uri: str, artifacts_destination: str, host: str = DEFAULT_HOST,
-                 port: int = 0, log_path: str | os.PathLike | None = None, workers: int = 1):
+    def __init__(
+        self,
+        backend_store_uri: str,
+        artifacts_destination: str,
+        host: str = DEFAULT_HOST,
+        port: int = 0,
+        log_path: str | os.PathLike | None = None,
+        workers: int = 1,
+    ):
         self.host = host
         self.port = port or free_port(host)
         self.backend_store_uri = absolute_store_uri(backend_store_uri)
@@ -96,20 +117,24 @@ class MlflowServer:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{self.port}"
 
-    def start(self, timeout_s: float = 120.0) -> "MlflowServer":
+    def start(self, timeout_s: float = 120.0) -> MlflowServer:
         if port_in_use(self.host, self.port):
             raise UserError(
                 f"port {self.port} on {self.host} is already in use (another MLflow server?). Stop that "
                 f"process, or pass a free port with --port N."
             )
-        cmd = server_command(self.host, self.port, self.backend_store_uri, self.artifacts_destination,
-                             self.workers)
+        cmd = server_command(self.host, self.port, self.backend_store_uri, self.artifacts_destination, self.workers)
         # Without a log file the server's output goes to our terminal.
         log = open(self.log_path, "ab") if self.log_path else None
         try:
             # Own process group: the server forks workers, and stop() must end all of them.
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log else None,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT if log else None,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
             if log:
                 log.close()

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 from ..config import Config
 from ..errors import UserError
 from ..sweep_spec import SweepSpec
 from .client import client, get_or_create_experiment
-from .runs import (ABLATION_TAG, ROLE_TAG, SEED_TAG, SWEEP_TAG, VARIANT_TAG, child_runs, download_json,
-                   find_sweep_parent)
+from .runs import ABLATION_TAG, ROLE_TAG, SEED_TAG, SWEEP_TAG, VARIANT_TAG, child_runs, download_json, find_sweep_parent
 from .tracker import RUN_NAME_TAG, Tracker, environment_tags
 from .uri import artifact_root, resolve_tracking_uri
 
@@ -21,8 +21,13 @@ FINAL_METRIC = "eval/byol/linear_top1"  # logged with the last epoch, after the 
 
 def trial_tags(spec: SweepSpec, variant: str, seed: int) -> dict[str, str]:
     """The tags that make a training run a trial of this sweep (variant, seed) in MLflow."""
-    return {SWEEP_TAG: spec.name, ROLE_TAG: "trial", ABLATION_TAG: spec.ablation, VARIANT_TAG: variant,
-            SEED_TAG: str(seed)}
+    return {
+        SWEEP_TAG: spec.name,
+        ROLE_TAG: "trial",
+        ABLATION_TAG: spec.ablation,
+        VARIANT_TAG: variant,
+        SEED_TAG: str(seed),
+    }
 
 
 def trial_run_name(variant: str, seed: int) -> str:
@@ -32,14 +37,19 @@ def trial_run_name(variant: str, seed: int) -> str:
 
 def finished_trial_metrics(cfg: Config, parent_run_id: str) -> dict[str, float] | None:
     """The metrics of this trial's run if it already FINISHED under this parent, else None."""
-    runs = child_runs(client(resolve_tracking_uri(cfg)), parent_run_id,
-                      f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}' and attributes.status = 'FINISHED'")
+    runs = child_runs(
+        client(resolve_tracking_uri(cfg)),
+        parent_run_id,
+        f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}' and attributes.status = 'FINISHED'",
+    )
     if not runs:
         return None
     return {**runs[0].data.metrics, "epoch": runs[0].data.metrics.get("step", 0.0)}
 
 
-def open_parent(spec: SweepSpec, base: Config, cli_overrides: list[str], fresh: bool, out_dir: Path) -> tuple[Tracker, bool]:
+def open_parent(
+    spec: SweepSpec, base: Config, cli_overrides: list[str], fresh: bool, out_dir: Path
+) -> tuple[Tracker, bool]:
     """The sweep's MLflow parent run: the newest one of this sweep if it did not finish (resume), else new.
 
     Returns (tracker, already_finished)."""
@@ -63,16 +73,31 @@ def open_parent(spec: SweepSpec, base: Config, cli_overrides: list[str], fresh: 
         c.update_run(prev.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         print(f"[sweep] resuming sweep {spec.name!r}: MLflow parent run {prev.info.run_id}", flush=True)
         return tracker, False
-    run = c.create_run(exp_id, run_name=f"sweep-{spec.name}", tags={
-        SWEEP_TAG: spec.name, ROLE_TAG: "sweep", ABLATION_TAG: spec.ablation,
-        "mlflow.note.content": spec.description or spec.ablation, **environment_tags(base.run.num_workers)})
+    run = c.create_run(
+        exp_id,
+        run_name=f"sweep-{spec.name}",
+        tags={
+            SWEEP_TAG: spec.name,
+            ROLE_TAG: "sweep",
+            ABLATION_TAG: spec.ablation,
+            "mlflow.note.content": spec.description or spec.ablation,
+            **environment_tags(base.run.num_workers),
+        },
+    )
     tracker = Tracker(uri, run.info.run_id)
-    tracker.log_params({
-        FINGERPRINT_PARAM: fingerprint, "sweep.name": spec.name, "sweep.ablation": spec.ablation,
-        "sweep.source": spec.source, "sweep.baseline": spec.baseline, "sweep.seeds": spec.seeds,
-        "sweep.variants": [v.name for v in spec.variants], "sweep.asha": spec.asha.enabled,
-        "sweep.cli_overrides": cli_overrides,
-    })
+    tracker.log_params(
+        {
+            FINGERPRINT_PARAM: fingerprint,
+            "sweep.name": spec.name,
+            "sweep.ablation": spec.ablation,
+            "sweep.source": spec.source,
+            "sweep.baseline": spec.baseline,
+            "sweep.seeds": spec.seeds,
+            "sweep.variants": [v.name for v in spec.variants],
+            "sweep.asha": spec.asha.enabled,
+            "sweep.cli_overrides": cli_overrides,
+        }
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SPEC_ARTIFACT).write_text(json.dumps(spec.to_dict(), indent=2))
     tracker.log_artifact(out_dir / SPEC_ARTIFACT)

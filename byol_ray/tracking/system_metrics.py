@@ -59,11 +59,19 @@ class SystemMetrics:
             return
         try:
             # resume_logging: a restarted worker or sampler continues the run's system/* steps.
-            self.monitor = _monitor_class()(self.run_id, sampling_interval=self.interval_s, samples_before_logging=1,
-                                            resume_logging=True, tracking_uri=self.uri)
+            self.monitor = _monitor_class()(
+                self.run_id,
+                sampling_interval=self.interval_s,
+                samples_before_logging=1,
+                resume_logging=True,
+                tracking_uri=self.uri,
+            )
         except delivery_errors() as e:
-            print(f"[mlflow] system metrics not recorded for now: {redact(self.uri)} did not answer "
-                  f"({type(e).__name__})", file=sys.stderr, flush=True)
+            print(
+                f"[mlflow] system metrics not recorded for now: {redact(self.uri)} did not answer ({type(e).__name__})",
+                file=sys.stderr,
+                flush=True,
+            )
             self.monitor = None
             return
         self.monitor.start()

@@ -23,9 +23,10 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..config import Config, TrackingConfig
 from .client import client, delivery_errors, get_or_create_experiment, short_http, tracking_uri_scope
@@ -39,8 +40,9 @@ _METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -101,8 +103,9 @@ class Tracker:
         self.system_metrics: SystemMetrics | None = None  # set by `worker_tracker`
 
     @classmethod
-    def start(cls, cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "",
-              run_name: str = "") -> "Tracker":
+    def start(
+        cls, cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "", run_name: str = ""
+    ) -> Tracker:
         """Create a new run in the config's experiment, with the resolved config as params.
 
         `run_name` is the name the MLflow UI shows (default: run.name); the run is found again by its
@@ -131,8 +134,11 @@ class Tracker:
         except delivery_errors() as e:
             if self.spool is None:
                 raise
-            print(f"[mlflow] could not log params {sorted(params)} to {redact(self.uri)} ({type(e).__name__})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[mlflow] could not log params {sorted(params)} to {redact(self.uri)} ({type(e).__name__})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -141,8 +147,10 @@ class Tracker:
         if self.spool is None:
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
             return
-        self.pending += [{"run_id": self.run_id, "key": k, "value": float(v), "timestamp": ts, "step": step}
-                         for k, v in metrics.items()]
+        self.pending += [
+            {"run_id": self.run_id, "key": k, "value": float(v), "timestamp": ts, "step": step}
+            for k, v in metrics.items()
+        ]
         self.flush()
 
     def flush(self) -> int:
@@ -157,8 +165,12 @@ class Tracker:
                 self._warned = False
         except delivery_errors() as e:
             if not self._warned:
-                print(f"[mlflow] cannot reach {redact(self.uri)} ({type(e).__name__}); training goes on, metrics "
-                      f"are queued, retried every epoch and kept in {self.spool}", file=sys.stderr, flush=True)
+                print(
+                    f"[mlflow] cannot reach {redact(self.uri)} ({type(e).__name__}); training goes on, metrics "
+                    f"are queued, retried every epoch and kept in {self.spool}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self._warned = True
         if self.spool is not None:
             _write_spool(self.spool, self.pending)
@@ -171,8 +183,9 @@ class Tracker:
         while self.pending:
             run_id = self.pending[0]["run_id"]
             batch = [m for m in self.pending if m["run_id"] == run_id][:_METRICS_PER_BATCH]
-            self.client.log_batch(run_id, metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"])
-                                                   for m in batch])
+            self.client.log_batch(
+                run_id, metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in batch]
+            )
             sent = {id(m) for m in batch}
             self.pending = [m for m in self.pending if id(m) not in sent]
 
@@ -191,8 +204,7 @@ class Tracker:
         # log_model has no tracking_uri or run_id argument: it logs to the fluent API's active run.
         with tracking_uri_scope(self.uri), mlflow.start_run(run_id=self.run_id):
             # pt2 (torch.export) rather than pickle: loading it back cannot run arbitrary code.
-            info = mlflow.pytorch.log_model(model, name=name, input_example=input_example,
-                                            serialization_format="pt2")
+            info = mlflow.pytorch.log_model(model, name=name, input_example=input_example, serialization_format="pt2")
         return info.model_uri
 
     def end(self, status: str = "FINISHED") -> None:
@@ -210,9 +222,12 @@ class Tracker:
                 self.client.set_terminated(self.run_id, status=status)
             return True
         except delivery_errors() as e:
-            print(f"[mlflow] could not mark run {self.run_id} {status} at {redact(self.uri)} "
-                  f"({type(e).__name__}); it stays RUNNING until the same command is rerun", file=sys.stderr,
-                  flush=True)
+            print(
+                f"[mlflow] could not mark run {self.run_id} {status} at {redact(self.uri)} "
+                f"({type(e).__name__}); it stays RUNNING until the same command is rerun",
+                file=sys.stderr,
+                flush=True,
+            )
             return False
 
     def status(self) -> str:
@@ -228,8 +243,12 @@ def _newest_run_by_name(cfg: Config):
     exp = c.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         return None
-    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'",
-                         order_by=["attributes.start_time DESC"], max_results=1)
+    runs = c.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0] if runs else None
 
 
@@ -265,15 +284,18 @@ def deliver_undelivered(tracker: Tracker, path: str | os.PathLike) -> str:
         late._send_pending()
     except delivery_errors() as e:
         _write_spool(Path(path), late.pending)
-        return (f"[mlflow] {len(late.pending)} of {n} metric values could not be sent to {redact(tracker.uri)} "
-                f"({type(e).__name__}); they are in {path}, one JSON object per line (run_id, key, value, "
-                f"timestamp, step), ready for MlflowClient.log_batch once the server is back.")
+        return (
+            f"[mlflow] {len(late.pending)} of {n} metric values could not be sent to {redact(tracker.uri)} "
+            f"({type(e).__name__}); they are in {path}, one JSON object per line (run_id, key, value, "
+            f"timestamp, step), ready for MlflowClient.log_batch once the server is back."
+        )
     _write_spool(Path(path), [])
     return f"[mlflow] delivered {n} metric values that the workers had queued while {redact(tracker.uri)} was down"
 
 
-def open_training_run(cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "",
-                      run_name: str = "") -> Tracker:
+def open_training_run(
+    cfg: Config, tags: dict[str, str] | None = None, parent_run_id: str = "", run_name: str = ""
+) -> Tracker:
     """The MLflow run of a training: the unfinished run of this run.name if there is one (its driver
     died, or it failed: the rerun continues it), else a new one with the config as params, shown as
     `run_name` (default: run.name). Either way the config (secrets masked) is logged as config.json."""
@@ -284,8 +306,12 @@ def open_training_run(cfg: Config, tags: dict[str, str] | None = None, parent_ru
         tracker.client.update_run(existing, status="RUNNING")  # it may have been ended KILLED/FAILED
         print(f"[driver] resuming MLflow run {existing} of run.name={cfg.run.name}", flush=True)
     else:
-        tracker = Tracker.start(cfg, tags={**environment_tags(cfg.run.num_workers), **(tags or {})},
-                                parent_run_id=parent_run_id, run_name=run_name)
+        tracker = Tracker.start(
+            cfg,
+            tags={**environment_tags(cfg.run.num_workers), **(tags or {})},
+            parent_run_id=parent_run_id,
+            run_name=run_name,
+        )
         print(f"[driver] MLflow run {tracker.run_id} at {redact(uri)}", flush=True)
     out_dir = cfg.output_dir / cfg.run.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -295,8 +321,9 @@ def open_training_run(cfg: Config, tags: dict[str, str] | None = None, parent_ru
 
 
 @contextlib.contextmanager
-def worker_tracker(uri: str, run_id: str, spool: str | os.PathLike | None,
-                   tracking: TrackingConfig) -> Iterator[Tracker]:
+def worker_tracker(
+    uri: str, run_id: str, spool: str | os.PathLike | None, tracking: TrackingConfig
+) -> Iterator[Tracker]:
     """Rank 0's writer for one training: per-epoch metrics (queued through an outage, see the module doc)
     and, with `tracking.system_metrics`, MLflow's system metrics sampled while it trains.
 

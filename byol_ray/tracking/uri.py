@@ -37,7 +37,7 @@ def absolute_store_uri(uri: str) -> str:
     """`sqlite:///x.db` made absolute: a relative path resolves against each process's working directory
     (every Ray worker has its own), or wherever a server happened to be started."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     return uri
 
 
@@ -51,7 +51,7 @@ def resolve_tracking_uri(cfg: Config) -> str:
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a `sqlite:///` URI, else None."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 ARTIFACTS_FOLDER = "mlartifacts"  # beside a SQLite store; `byol-ray mlflow-server` uses the same name

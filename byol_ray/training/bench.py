@@ -38,15 +38,15 @@ from typing import Any
 import torch
 
 from ..config import Config
-from ..core.engine import InputSpec, Pretrainer, pick_device
 from ..core.ema import ema_loop_
+from ..core.engine import InputSpec, Pretrainer, pick_device
 from ..core.model import unwrap
 from ..core.sync import DispatchCounter
-from .cpu_runtime import configure_cpu
 from ..data.augment import TwoViews, reference_view_transform
 from ..data.readers import channel_stats, load_split
 from ..errors import UserError
 from ..eval.scoring import extract_features
+from .cpu_runtime import configure_cpu
 from .plan import EVAL_OVERHEAD, budget_steps, measure_embed_seconds
 
 PER_IMAGE_CAP = 64  # images per repetition of the (slow) per-image pipeline
@@ -67,8 +67,9 @@ def sample_seconds(fn: Callable[[], Any], repeats: int, warmup: int, device: tor
     return interleaved_seconds([fn], repeats, warmup, device)[0]
 
 
-def interleaved_seconds(fns: list[Callable[[], Any]], repeats: int, warmup: int,
-                        device: torch.device) -> list[list[float]]:
+def interleaved_seconds(
+    fns: list[Callable[[], Any]], repeats: int, warmup: int, device: torch.device
+) -> list[list[float]]:
     """Per function, its times over `repeats` rounds; each round calls every function once in turn, so
     on a shared machine a busy spell slows all of them alike and their ratio stays meaningful."""
     for _ in range(warmup):
@@ -154,8 +155,9 @@ class Bench:
 
     def step_and_bare(self) -> tuple[float, float]:
         """Median seconds of (BYOL step, bare fwd+bwd), measured interleaved."""
-        step, bare = interleaved_seconds([self.byol_step_fn(), self.bare_fwd_bwd_fn()], self.repeats,
-                                         self.warmup, self.device)
+        step, bare = interleaved_seconds(
+            [self.byol_step_fn(), self.bare_fwd_bwd_fn()], self.repeats, self.warmup, self.device
+        )
         return statistics.median(step), statistics.median(bare)
 
     def phases(self) -> dict[str, float]:
@@ -255,13 +257,18 @@ class Bench:
             return None
         n = min(len(self.images), cfg.eval.batch_size)
         sample = self.source.plain_images(self.images[:n])
-        per_image = measure_embed_seconds(lambda: extract_features(
-            self.trainer.encoder, sample, cfg.data.image_size, self.mean, self.std, cfg.eval.batch_size,
-            self.device), n, self.device)
+        per_image = measure_embed_seconds(
+            lambda: extract_features(
+                self.trainer.encoder, sample, cfg.data.image_size, self.mean, self.std, cfg.eval.batch_size, self.device
+            ),
+            n,
+            self.device,
+        )
         embed_s = per_image * self.source.eval_images()
         encoders = 2 if cfg.eval.baselines else 1
-        plan = budget_steps(cfg, self.trainer.steps_per_epoch, step_s, EVAL_OVERHEAD * encoders * embed_s,
-                            EVAL_OVERHEAD * embed_s, 0.0)
+        plan = budget_steps(
+            cfg, self.trainer.steps_per_epoch, step_s, EVAL_OVERHEAD * encoders * embed_s, EVAL_OVERHEAD * embed_s, 0.0
+        )
         return {**plan.params(), "steps_per_epoch": plan.steps_per_epoch}
 
     def input_pipeline(self) -> float:
@@ -284,8 +291,12 @@ def dispatch_counts(b: Bench) -> dict[str, int]:
     b.plain_views(images, b.trainer.generator)
     with DispatchCounter() as in_views:
         b.plain_views(images, b.trainer.generator)
-    return {"step_ops": in_step.ops, "step_syncs": in_step.syncs,
-            "augmentation_ops": in_views.ops, "augmentation_syncs": in_views.syncs}
+    return {
+        "step_ops": in_step.ops,
+        "step_syncs": in_step.syncs,
+        "augmentation_ops": in_views.ops,
+        "augmentation_syncs": in_views.syncs,
+    }
 
 
 # ---- data sources -------------------------------------------------------------------------------
@@ -341,14 +352,16 @@ class StreamSource:
         self.mean, self.std = self.stream.mean, self.stream.std
         B = cfg.optim.batch_size
         if len(self.stream) < 2 * B:
-            raise UserError(f"the streamed benchmark needs at least 2 x optim.batch_size={B} images, "
-                            f"{cfg.data.root} has {len(self.stream)}")
+            raise UserError(
+                f"the streamed benchmark needs at least 2 x optim.batch_size={B} images, "
+                f"{cfg.data.root} has {len(self.stream)}"
+            )
         # Training steps use batches the loader made (kept in memory), so the step is timed without
         # waiting on decode; the loader's own rate is the input_pipeline figure.
         perm = torch.randperm(len(self.stream), generator=torch.Generator().manual_seed(cfg.run.seed))
         first = list(self.stream.micro_batches(0, [[mb] for mb in perm[: 2 * B].split(B)]))
-        self.images = torch.cat([x for (x, _), in first])
-        self.labels = torch.cat([y for (_, y), in first])
+        self.images = torch.cat([x for ((x, _),) in first])
+        self.labels = torch.cat([y for ((_, y),) in first])
 
     def __len__(self) -> int:
         return len(self.images)
@@ -442,8 +455,11 @@ def run_bench(cfg: Config, repeats: int = 20, warmup: int = 5, synthetic: int = 
             "bare_over_matmul": flops / bare / matmul,
         },
         "ema": {"fused_ms": 1e3 * ema_fused, "loop_ms": 1e3 * ema_loop, "speedup": ema_loop / ema_fused},
-        "augmentation": {"batched_images_per_s": aug_batched, "per_image_images_per_s": aug_per_image,
-                         "speedup": aug_batched / aug_per_image},
+        "augmentation": {
+            "batched_images_per_s": aug_batched,
+            "per_image_images_per_s": aug_per_image,
+            "speedup": aug_batched / aug_per_image,
+        },
         "input_pipeline": {"kind": b.source.kind, "images_per_s": pipe, "over_step": pipe / step_ips},
         **({"budget_plan": plan} if plan else {}),
         "dispatch": dispatch,
@@ -453,15 +469,23 @@ def run_bench(cfg: Config, repeats: int = 20, warmup: int = 5, synthetic: int = 
 def setup_info(cfg: Config, b: Bench) -> dict[str, Any]:
     dev = b.device
     return {
-        "backbone": cfg.model.backbone, "stem": cfg.model.stem, "width": cfg.model.width,
-        "image_size": cfg.data.image_size, "batch_size": b.batch, "dataset": cfg.data.dataset,
+        "backbone": cfg.model.backbone,
+        "stem": cfg.model.stem,
+        "width": cfg.model.width,
+        "image_size": cfg.data.image_size,
+        "batch_size": b.batch,
+        "dataset": cfg.data.dataset,
         "synthetic": isinstance(b.source, SyntheticSource),
-        "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "precision": b.trainer.precision, "compile": cfg.run.compile,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "precision": b.trainer.precision,
+        "compile": cfg.run.compile,
         "compile_mode": cfg.run.compile_mode if cfg.run.compile else "",
         "channels_last": b.trainer.memory_format == torch.channels_last,  # as used (core.model.memory_format)
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
     }
 
 
@@ -520,9 +544,11 @@ def table(res: dict[str, Any]) -> str:
     ]
     if "budget_plan" in res:
         p = res["budget_plan"]
-        lines.append(f"| optim.time_budget_minutes={p['plan.budget_minutes']:g} plans | {p['plan.total_steps']:,} steps "
-                     f"({p['plan.epochs']} epochs of {p['steps_per_epoch']}), {p['plan.eval_reserve_s']:.0f} s kept for "
-                     f"evaluation | |")
+        lines.append(
+            f"| optim.time_budget_minutes={p['plan.budget_minutes']:g} plans | {p['plan.total_steps']:,} steps "
+            f"({p['plan.epochs']} epochs of {p['steps_per_epoch']}), {p['plan.eval_reserve_s']:.0f} s kept for "
+            f"evaluation | |"
+        )
     d = res["dispatch"]
     lines += [
         f"| dispatched ops / host syncs per training step | {d['step_ops']:,} / {d['step_syncs']} | |",

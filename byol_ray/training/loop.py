@@ -21,18 +21,30 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError
-from ..errors import UserError
 from ..core.engine import InputSpec, Pretrainer, distributed, pick_device
 from ..core.model import build_encoder
 from ..core.state import TrainState, check_compatible
 from ..core.sync import to_host
 from ..data.readers import ImageData, channel_stats, load_split
 from ..data.transfer import adapt
+from ..errors import UserError
 from ..eval.scoring import EvalRow, evaluate_encoders, extract_features, knn_accuracy
 from ..seeding import epoch_seed
-from .plan import (EVAL_OVERHEAD, UNTIMED_STEPS, WARMUP_STEPS, StepPlan, agree, budget_steps, describe,
-                   describe_replan, epochs_plan, measure_embed_seconds, measure_step_seconds, replan)
 from .cpu_runtime import configure_cpu
+from .plan import (
+    EVAL_OVERHEAD,
+    UNTIMED_STEPS,
+    WARMUP_STEPS,
+    StepPlan,
+    agree,
+    budget_steps,
+    describe,
+    describe_replan,
+    epochs_plan,
+    measure_embed_seconds,
+    measure_step_seconds,
+    replan,
+)
 from .replicas import check_replicas
 from .session import Session
 
@@ -97,8 +109,9 @@ def load_train_data(cfg: Config, device: torch.device) -> TrainData:
     # (on the GPU when it fits easily: batches are then cut there, with no host copy per step).
     if device.type == "cuda" and images.numel() <= torch.cuda.get_device_properties(device).total_memory // 8:
         images, labels = images.to(device), labels.to(device)
-    return TrainData(cfg, train, InputSpec(train.channels, len(train.classes), mean, std), device,
-                     images=images, labels=labels)
+    return TrainData(
+        cfg, train, InputSpec(train.channels, len(train.classes), mean, std), device, images=images, labels=labels
+    )
 
 
 def steps_per_epoch(cfg: Config, n_images: int) -> int:
@@ -138,8 +151,9 @@ def worker_batches(cfg: Config, perm: torch.Tensor, step: int, rank: int, world:
 
 
 # ---- the loop -----------------------------------------------------------------------------------
-def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_id: str = "",
-             plan: StepPlan | None = None) -> dict[str, Any]:
+def pretrain(
+    cfg: Config, session: Session, tracker: Tracker | None = None, run_id: str = "", plan: StepPlan | None = None
+) -> dict[str, Any]:
     """Train, report every epoch, evaluate at the end. Returns the final metrics (and eval rows on rank 0).
 
     `plan` makes a fresh run follow a plan made elsewhere (another run's, to repeat its schedule) instead
@@ -157,9 +171,11 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
         trainer.views = data.stream.device_views(trainer.views)
 
     if rank == 0:
-        log(f"[train] {len(data)} images, {spe} steps/epoch, global batch {cfg.optim.batch_size} on {world} "
+        log(
+            f"[train] {len(data)} images, {spe} steps/epoch, global batch {cfg.optim.batch_size} on {world} "
             f"worker(s), device {device}, encoder {cfg.model.backbone} (stem {cfg.model.stem}, width "
-            f"{cfg.model.width}, dim {trainer.encoder.out_dim}), precision {trainer.precision}")
+            f"{cfg.model.width}, dim {trainer.encoder.out_dim}), precision {trainer.precision}"
+        )
     start_epoch, restarts, run_id, resumed_plan = resume(cfg, session, trainer, device, run_id)
     own_plan = resumed_plan is None and plan is None  # only a plan this run made is re-planned
     plan = resumed_plan or plan
@@ -191,8 +207,16 @@ def pretrain(cfg: Config, session: Session, tracker: Tracker | None = None, run_
     return {"train": metrics, "trainer": trainer, "eval_rows": rows, "plan": plan}
 
 
-def replan_after_epoch(cfg: Config, trainer: Pretrainer, plan: StepPlan, epoch: int, metrics: dict[str, Any],
-                       rank: int, t_start: float, device: torch.device) -> StepPlan:
+def replan_after_epoch(
+    cfg: Config,
+    trainer: Pretrainer,
+    plan: StepPlan,
+    epoch: int,
+    metrics: dict[str, Any],
+    rank: int,
+    t_start: float,
+    device: torch.device,
+) -> StepPlan:
     """The plan for the wall time left at the speed of the epoch just run (plan.replan), from rank 0's
     clock on every rank, so that all replicas keep the same schedule; before the epoch's checkpoint,
     which stores it."""
@@ -207,8 +231,9 @@ def replan_after_epoch(cfg: Config, trainer: Pretrainer, plan: StepPlan, epoch: 
     return new
 
 
-def resume(cfg: Config, session: Session, trainer: Pretrainer, device: torch.device,
-           run_id: str) -> tuple[int, int, str, StepPlan | None]:
+def resume(
+    cfg: Config, session: Session, trainer: Pretrainer, device: torch.device, run_id: str
+) -> tuple[int, int, str, StepPlan | None]:
     """Load the session's latest checkpoint into the replica: (first epoch to train, restarts, MLflow run,
     the run's plan: a resumed run keeps the schedule it started with)."""
     state = session.latest_state()
@@ -225,8 +250,7 @@ def resume(cfg: Config, session: Session, trainer: Pretrainer, device: torch.dev
     return start_epoch, restarts, run_id or state.mlflow_run_id, plan
 
 
-def make_plan(cfg: Config, trainer: Pretrainer, data: TrainData, rank: int, world: int,
-              t_start: float) -> StepPlan:
+def make_plan(cfg: Config, trainer: Pretrainer, data: TrainData, rank: int, world: int, t_start: float) -> StepPlan:
     """`optim.epochs` full epochs, or with a time budget as many steps as fit (see plan.py)."""
     spe = trainer.steps_per_epoch
     if not cfg.optim.time_budget_minutes:
@@ -237,26 +261,38 @@ def make_plan(cfg: Config, trainer: Pretrainer, data: TrainData, rank: int, worl
         fed = list(data.stream.micro_batches(0, steps))
         batch = fed.__getitem__
     else:
+
         def batch(i: int) -> list:
             return [(data.images[idx], data.labels[idx]) for idx in steps[i]]
+
     trainer.start_epoch(0)
     step_s = measure_step_seconds(trainer, batch)
     embed_s = 0.0
     if rank == 0 and data.stream is None and (cfg.eval.final or cfg.eval.knn_every):
         n = min(len(data), 4 * cfg.eval.batch_size)
         sample = data.split.images[:n]
-        per_image = measure_embed_seconds(lambda: extract_features(
-            trainer.encoder, sample, cfg.data.image_size, data.inputs.mean, data.inputs.std,
-            cfg.eval.batch_size, data.device), n, data.device)
+        per_image = measure_embed_seconds(
+            lambda: extract_features(
+                trainer.encoder,
+                sample,
+                cfg.data.image_size,
+                data.inputs.mean,
+                data.inputs.std,
+                cfg.eval.batch_size,
+                data.device,
+            ),
+            n,
+            data.device,
+        )
         embed_s = per_image * (len(data) + len(data.test_split()))
     step_s, embed_s, elapsed = agree([step_s, embed_s, time.perf_counter() - t_start], data.device)
     encoders = 2 if cfg.eval.baselines else 1
     return budget_steps(cfg, spe, step_s, EVAL_OVERHEAD * encoders * embed_s, EVAL_OVERHEAD * embed_s, elapsed)
 
 
-
-def train_one_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: int, rank: int,
-                    world: int, plan: StepPlan) -> dict[str, Any]:
+def train_one_epoch(
+    cfg: Config, trainer: Pretrainer, data: TrainData, epoch: int, rank: int, world: int, plan: StepPlan
+) -> dict[str, Any]:
     """One pass of optimiser steps (the plan's last epoch may stop part-way); returns the epoch's metrics
     averaged over steps and workers."""
     trainer.start_epoch(epoch)
@@ -275,8 +311,10 @@ def train_one_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: in
         if rank == 0 and ((s + 1) % cfg.run.log_every == 0 or s + 1 == spe):
             loss = to_host(stats[0])
             rate = (s + 1) * cfg.optim.batch_size / (time.perf_counter() - t0)
-            log(f"[train] epoch {epoch + 1}/{plan.epochs} step {s + 1}/{spe} loss {loss:.4f} "
-                f"lr {trainer.lr():.4f} tau {trainer.tau():.5f} {rate:.0f} img/s")
+            log(
+                f"[train] epoch {epoch + 1}/{plan.epochs} step {s + 1}/{spe} loss {loss:.4f} "
+                f"lr {trainer.lr():.4f} tau {trainer.tau():.5f} {rate:.0f} img/s"
+            )
     sums = trainer.take_stats()
     if distributed():
         dist.all_reduce(sums)
@@ -287,14 +325,30 @@ def train_one_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: in
     if trainer.probe is not None:
         metrics["probe_loss"] = probe_loss / spe
         metrics["online_probe_acc"] = 100.0 * probe_correct / max(1.0, probe_count)
-    metrics.update({"repr_std": repr_std / spe, "lr": trainer.lr(), "tau": trainer.tau(),
-                    "images_per_s": spe * cfg.optim.batch_size / elapsed, "epoch_seconds": elapsed})
+    metrics.update(
+        {
+            "repr_std": repr_std / spe,
+            "lr": trainer.lr(),
+            "tau": trainer.tau(),
+            "images_per_s": spe * cfg.optim.batch_size / elapsed,
+            "epoch_seconds": elapsed,
+        }
+    )
     return metrics
 
 
-def end_of_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: int, metrics: dict[str, Any],
-                 session: Session, tracker: Tracker | None, run_id: str, restarts: int,
-                 plan: StepPlan) -> tuple[list[EvalRow], bool]:
+def end_of_epoch(
+    cfg: Config,
+    trainer: Pretrainer,
+    data: TrainData,
+    epoch: int,
+    metrics: dict[str, Any],
+    session: Session,
+    tracker: Tracker | None,
+    run_id: str,
+    restarts: int,
+    plan: StepPlan,
+) -> tuple[list[EvalRow], bool]:
     """Replica check, collapse check, kNN monitor, final evaluation, log, report and checkpoint.
     Returns (the final evaluation's rows, whether the run stopped on a collapse)."""
     rank = session.rank
@@ -313,22 +367,35 @@ def end_of_epoch(cfg: Config, trainer: Pretrainer, data: TrainData, epoch: int, 
             metrics["knn_acc"] = rows[0].knn_top1
         elif cfg.eval.knn_every and (epoch + 1) % cfg.eval.knn_every == 0:
             metrics["knn_acc"] = knn_monitor(cfg, trainer, data)
-        log(f"[epoch {epoch + 1}] loss {metrics['loss']:.4f}"
+        log(
+            f"[epoch {epoch + 1}] loss {metrics['loss']:.4f}"
             + (f" probe acc {metrics['online_probe_acc']:.1f}%" if "online_probe_acc" in metrics else "")
             + f" repr std {metrics['repr_std']:.3f} {metrics['images_per_s']:.0f} img/s"
-            + (f" kNN {metrics['knn_acc']:.2f}%" if "knn_acc" in metrics else ""))
+            + (f" kNN {metrics['knn_acc']:.2f}%" if "knn_acc" in metrics else "")
+        )
         if tracker is not None:
-            tracker.log_metrics({k: float(v) for k, v in metrics.items() if k not in ("epoch", "eval_rows")},
-                                step=epoch + 1)
+            tracker.log_metrics(
+                {k: float(v) for k, v in metrics.items() if k not in ("epoch", "eval_rows")}, step=epoch + 1
+            )
     state = None
     if rank == 0 and ((epoch + 1) % cfg.run.checkpoint_every == 0 or last):
-        state = TrainState(trainer=trainer.state_dict(), epoch=epoch + 1, in_channels=data.inputs.channels,
-                           config=cfg.to_dict(), rng=torch.get_rng_state(), restarts=restarts,
-                           mlflow_run_id=run_id, collapsed=collapsed, plan=plan.to_dict())
+        state = TrainState(
+            trainer=trainer.state_dict(),
+            epoch=epoch + 1,
+            in_channels=data.inputs.channels,
+            config=cfg.to_dict(),
+            rng=torch.get_rng_state(),
+            restarts=restarts,
+            mlflow_run_id=run_id,
+            collapsed=collapsed,
+            plan=plan.to_dict(),
+        )
     session.report(metrics, state)
     if collapsed and rank == 0:
-        log(f"[collapse] representation std {metrics['repr_std']:.4f} < eval.collapse_std="
-            f"{cfg.eval.collapse_std:g} after epoch {epoch + 1}: stopped early and marked collapsed")
+        log(
+            f"[collapse] representation std {metrics['repr_std']:.4f} < eval.collapse_std="
+            f"{cfg.eval.collapse_std:g} after epoch {epoch + 1}: stopped early and marked collapsed"
+        )
     return rows, collapsed
 
 
@@ -349,10 +416,23 @@ def final_evaluation(cfg: Config, trainer: Pretrainer, data: TrainData) -> list[
         torch.manual_seed(cfg.run.seed)
         encoders["untrained encoder"] = build_encoder(cfg.model, train.channels).to(data.device)
         encoders["raw pixels"] = None
-    log(f"[eval] linear probe and kNN (k={cfg.eval.knn_k}) on {len(train.images)} train / "
-        f"{len(test.images)} test images")
-    return evaluate_encoders(encoders, train.images, train.labels, test.images, test.labels,
-                             cfg.data.image_size, data.inputs.mean, data.inputs.std, cfg.eval, data.device, log)
+    log(
+        f"[eval] linear probe and kNN (k={cfg.eval.knn_k}) on {len(train.images)} train / "
+        f"{len(test.images)} test images"
+    )
+    return evaluate_encoders(
+        encoders,
+        train.images,
+        train.labels,
+        test.images,
+        test.labels,
+        cfg.data.image_size,
+        data.inputs.mean,
+        data.inputs.std,
+        cfg.eval,
+        data.device,
+        log,
+    )
 
 
 def eval_metrics(rows: list[EvalRow]) -> dict[str, Any]:
@@ -382,8 +462,10 @@ def _maybe_crash(cfg: Config, rank: int, step: int) -> None:
     if cfg.debug.crash_rank != rank or cfg.debug.crash_at_step != step:
         return
     if cfg.debug.crash_kind == "user_error":
-        raise UserError(f"debug.crash_kind=user_error: rank {rank} raised this at step {step}, as an error in the "
-                        f"input would. Set debug.crash_rank=-1 to train normally.")
+        raise UserError(
+            f"debug.crash_kind=user_error: rank {rank} raised this at step {step}, as an error in the "
+            f"input would. Set debug.crash_rank=-1 to train normally."
+        )
     marker = cfg.output_dir / f".crashed_{cfg.run.name}_{rank}_{step}"
     if marker.exists():
         return

@@ -24,8 +24,9 @@ import copy
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,11 +66,15 @@ class StepPlan:
         """(step, schedule position) from the first step to the last (core.schedules.schedule_position)."""
         return ((0, 0.0), *self.knots, (self.total_steps, float(self.schedule_steps or self.total_steps)))
 
-    def replanned(self, step: int, total_steps: int) -> "StepPlan":
+    def replanned(self, step: int, total_steps: int) -> StepPlan:
         """This plan with its schedules' remainder, from `step` on, spread over `total_steps` in all."""
         here = schedule_position(step, self.breakpoints())
-        return replace(self, total_steps=total_steps, knots=(*self.knots, (step, here)),
-                       schedule_steps=self.schedule_steps or self.total_steps)
+        return replace(
+            self,
+            total_steps=total_steps,
+            knots=(*self.knots, (step, here)),
+            schedule_steps=self.schedule_steps or self.total_steps,
+        )
 
     @property
     def epochs(self) -> int:
@@ -84,17 +89,22 @@ class StepPlan:
 
     def params(self) -> dict[str, Any]:
         """What MLflow records of the plan."""
-        return {"plan.total_steps": self.total_steps, "plan.epochs": self.epochs,
-                "plan.budget_minutes": self.budget_s / 60, "plan.warmup_images_per_s": round(self.images_per_s, 1),
-                "plan.eval_reserve_s": round(self.reserve_s, 1)}
+        return {
+            "plan.total_steps": self.total_steps,
+            "plan.epochs": self.epochs,
+            "plan.budget_minutes": self.budget_s / 60,
+            "plan.warmup_images_per_s": round(self.images_per_s, 1),
+            "plan.eval_reserve_s": round(self.reserve_s, 1),
+        }
 
 
 def epochs_plan(cfg: Config, steps_per_epoch: int) -> StepPlan:
     return StepPlan(cfg.optim.epochs * steps_per_epoch, steps_per_epoch)
 
 
-def budget_steps(cfg: Config, steps_per_epoch: int, step_s: float, eval_s: float, knn_s: float,
-                 elapsed_s: float) -> StepPlan:
+def budget_steps(
+    cfg: Config, steps_per_epoch: int, step_s: float, eval_s: float, knn_s: float, elapsed_s: float
+) -> StepPlan:
     """The plan for measured costs: seconds per step, per final evaluation and per kNN monitor."""
     o = cfg.optim
     budget = o.time_budget_minutes * 60.0
@@ -125,8 +135,9 @@ def replan(cfg: Config, plan: StepPlan, step: int, elapsed_s: float, step_s: flo
     return plan.replanned(step, step + want)
 
 
-def measure_step_seconds(trainer: Pretrainer, batch: Callable[[int], list], steps: int = WARMUP_STEPS,
-                         untimed: int = UNTIMED_STEPS) -> float:
+def measure_step_seconds(
+    trainer: Pretrainer, batch: Callable[[int], list], steps: int = WARMUP_STEPS, untimed: int = UNTIMED_STEPS
+) -> float:
     """Seconds per training step, timed on real steps of `trainer`, which is then put back exactly as it
     was (weights, optimiser and probe state, step counter, random generators)."""
     saved = copy.deepcopy(trainer.state_dict())
@@ -176,25 +187,29 @@ def agree(values: list[float], device: torch.device) -> list[float]:
 def describe(plan: StepPlan, cfg: Config) -> str:
     """The plan as one log line, printed before training starts."""
     if not plan.budget_s:
-        return (f"[plan] {plan.total_steps} steps = {cfg.optim.epochs} epochs of {plan.steps_per_epoch} "
-                f"(no time budget)")
+        return f"[plan] {plan.total_steps} steps = {cfg.optim.epochs} epochs of {plan.steps_per_epoch} (no time budget)"
     train_s = plan.total_steps * cfg.optim.batch_size / plan.images_per_s
     finish = _clock_in(train_s + plan.reserve_s)
     capped = " (capped by optim.epochs)" if plan.total_steps == cfg.optim.epochs * plan.steps_per_epoch else ""
-    return (f"[plan] warm-up measured {plan.images_per_s:,.0f} img/s; budget {plan.budget_s / 60:g} min = "
-            f"{plan.elapsed_s:.0f} s set-up + {train_s:.0f} s training + {plan.reserve_s:.0f} s evaluation -> "
-            f"{plan.total_steps} steps = {plan.total_steps / plan.steps_per_epoch:.2f} epochs of "
-            f"{plan.steps_per_epoch}{capped}; expected to finish at {finish}")
+    return (
+        f"[plan] warm-up measured {plan.images_per_s:,.0f} img/s; budget {plan.budget_s / 60:g} min = "
+        f"{plan.elapsed_s:.0f} s set-up + {train_s:.0f} s training + {plan.reserve_s:.0f} s evaluation -> "
+        f"{plan.total_steps} steps = {plan.total_steps / plan.steps_per_epoch:.2f} epochs of "
+        f"{plan.steps_per_epoch}{capped}; expected to finish at {finish}"
+    )
 
 
-def describe_replan(old: StepPlan, new: StepPlan, epoch: int, step: int, step_s: float, cfg: Config,
-                    lr: float, tau: float) -> str:
+def describe_replan(
+    old: StepPlan, new: StepPlan, epoch: int, step: int, step_s: float, cfg: Config, lr: float, tau: float
+) -> str:
     """A re-plan (`replan`) as one log line: the epoch's speed, the new step count and the finish time."""
     finish = _clock_in((new.total_steps - step) * step_s + new.reserve_s)
-    return (f"[plan] re-planned after epoch {epoch}: {cfg.optim.batch_size / step_s:,.0f} img/s "
-            f"(warm-up {old.images_per_s:,.0f}) -> {new.total_steps} steps = "
-            f"{new.total_steps / new.steps_per_epoch:.2f} epochs (was {old.total_steps}); lr {lr:.4f} and tau "
-            f"{tau:.5f} carry on; expected to finish at {finish}")
+    return (
+        f"[plan] re-planned after epoch {epoch}: {cfg.optim.batch_size / step_s:,.0f} img/s "
+        f"(warm-up {old.images_per_s:,.0f}) -> {new.total_steps} steps = "
+        f"{new.total_steps / new.steps_per_epoch:.2f} epochs (was {old.total_steps}); lr {lr:.4f} and tau "
+        f"{tau:.5f} carry on; expected to finish at {finish}"
+    )
 
 
 def _clock_in(seconds: float) -> str:
