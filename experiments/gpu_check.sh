@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, one prepared script for a machine with an NVIDIA GPU (about 6-8 minutes on one H200).
+# The GPU check, one prepared script for a machine with an NVIDIA GPU, for a short device session.
 # It needs only torch, torchvision, numpy and pyyaml: no pytest, Ray or MLflow (steps that need them say
 # so and skip themselves). In order of importance, each under its own `timeout`:
 #

@@ -62,9 +62,9 @@ def _ema_(target: list[torch.Tensor], online: list[torch.Tensor], tau: float | t
         torch._foreach_lerp_(target, online, [weight] * len(target))
         return
     # xi + (1 - tau) (theta - xi) = tau xi + (1 - tau) theta, in one pass over the tensors: one read of
-    # each and one write, and on CPU one multi-tensor kernel where mul-then-add took two slower ones
-    # (about 5x faster on the default model on the 2-core reference CPU). Exact at the ends: tau = 1 keeps xi, tau = 0
-    # gives theta (torch.lerp computes end - (end - start)(1 - w) for w >= 0.5).
+    # each and one write, and on CPU one multi-tensor kernel where mul-then-add took two slower ones.
+    # Exact at the ends: tau = 1 keeps xi, tau = 0 gives theta (torch.lerp computes
+    # end - (end - start)(1 - w) for w >= 0.5).
     torch._foreach_lerp_(target, online, 1.0 - tau)
 
 

@@ -138,7 +138,7 @@ class OnlineNetwork(nn.Module):
 
 def two_view_forward(branch: nn.Module, x1: torch.Tensor, x2: torch.Tensor, separate: bool):
     """(y1, y2, z1, z2). Separate passes keep BatchNorm statistics per view, as in the paper; one
-    concatenated pass is faster on small batches but mixes the two views' statistics."""
+    concatenated pass launches half as many kernels but mixes the two views' statistics."""
     if separate:
         y1, z1 = branch(x1)
         y2, z2 = branch(x2)

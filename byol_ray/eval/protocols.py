@@ -218,8 +218,8 @@ def _transfer(spec, cfg, channels, encoders, device, log):
         col = f"{ds} linear top-1"
         cols.append(col)
         # A small transfer set (digits: 540 test images) moves by a point from one split to the next, and
-        # the untrained baseline by more from one random init to the next (measured on 10 digits splits:
-        # std 1.8-2.3 with a fresh init per split, against 0.6-1.3 for the one BYOL encoder). --splits N
+        # the untrained baseline's score moves more still from one random init to the next
+        # (docs/benchmarks.md): one init is one draw of the baseline. --splits N
         # scores N seeded splits (seed, seed+1, ...), each against its own untrained init seeded the same
         # (for every dataset, so a second --dataset starts again from seed), and reports the means.
         scores: dict[str, list[float]] = {name: [] for name in encoders}

@@ -27,7 +27,7 @@ KNN = "metrics.eval/byol/knn_top1"
 # they count as a tie when comparing orderings.
 PAPER_TIE = 1.0
 # Ours: a difference counts when it exceeds twice the seed-to-seed standard deviation (pooled over the
-# two rows compared), as the sweep issue's acceptance criterion states.
+# two rows compared), so that the noise of a random initialisation alone does not decide an ordering.
 SIGMAS = 2.0
 
 

@@ -7,10 +7,8 @@ PyTorch's CPU tensors come from the C library's malloc. glibc serves blocks abov
 at first) with mmap and gives freed memory at the top of the heap back to the OS; the next tensor of that
 size then page-faults on every 4 KiB page it first touches. A training step allocates and frees the same
 large tensors every step (activations, views, gradients), so on a CPU part of every step is the kernel
-zeroing pages. Measured on the 2-core reference machine while it was shared (one thread, batch 128 of
-Fashion-MNIST): one `TwoViews` call took 3.1 ms (median) in both runs with this setting, 3.2 and 5.0 ms in
-two runs without; tests/test_cpu_runtime.py counts the page faults. PyTorch's own CPU tuning guide makes
-the same point by recommending jemalloc or tcmalloc.
+zeroing pages. Keeping freed memory in the process removes those faults (tests/test_cpu_runtime.py
+counts them). PyTorch's own CPU tuning guide makes the same point by recommending jemalloc or tcmalloc.
 
 Only glibc is configured; elsewhere (musl, macOS) this does nothing. Memory freed during a run stays
 reserved by the process, which is reused by the next step anyway.

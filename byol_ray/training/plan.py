@@ -1,6 +1,6 @@
 """How many optimiser steps a run takes: a fixed number of epochs, or as many as fit a time budget.
 
-CPUs differ about 5x in speed for this workload (AVX2-only vs AVX-512 machines), so a number of epochs
+CPUs differ several-fold in speed for this workload (AVX2-only vs AVX-512 machines), so a number of epochs
 cannot promise a wall time. With ``optim.time_budget_minutes`` the run measures itself instead: rank 0 times
 a warm-up of `WARMUP_STEPS` real training steps (on a snapshot of the replica that is then restored, so
 the run itself is exactly what it would have been without them) and one batch of the frozen-feature
@@ -9,9 +9,8 @@ exactly when the budget does, after keeping back the time the end-of-run evaluat
 monitor) will take. ``optim.epochs`` stays an upper limit: the smaller of the two wins.
 
 The plan is stored in every checkpoint and logged to MLflow; a resumed run keeps it, so it follows the
-same schedule bit for bit. A shared or throttled machine does not keep the speed its warm-up measured
-(on the reference VM the same run went from 2,200 to 1,550 img/s and back within minutes), so a run that
-made its own plan re-plans after each epoch from the epoch's own speed and the wall time left
+same schedule bit for bit. A shared or throttled machine does not keep the speed its warm-up measured, so
+a run that made its own plan re-plans after each epoch from the epoch's own speed and the wall time left
 (`replan`): its remaining steps are stretched or squeezed over the rest of the schedules, which stay
 continuous and still end (lr 0, tau 1) at the new last step. Re-plans within `REPLAN_TOLERANCE` are not
 made, a resumed run re-plans no more (it keeps its checkpoint's plan), and neither does a run given a
@@ -154,8 +153,8 @@ def measure_step_seconds(
             _sync(trainer.device)
             times.append(time.perf_counter() - t0)
         # The median, not the mean: the warm-up runs right after start-up, when Ray's own processes still
-        # take bursts of CPU (measured in `make main`: a mean of 187-301 img/s for a run that then trained
-        # at 430-690 img/s), and a burst inflates a few steps, not the typical one.
+        # take bursts of CPU. A burst inflates a few steps, enough to drag the mean far below the speed the
+        # run then trains at, but not the typical step.
         return statistics.median(times)
     finally:
         trainer.load_state_dict(saved)
