@@ -16,14 +16,13 @@ The work is split in two halves, so that its cost on a GPU is a fixed, small num
 
 Both views of `TwoViews` are one batch of 2B images through the same ops (each row with its own view's
 probabilities and strengths), reading the B source images without copying them per view, so a step's
-augmentation is 133 dispatched ops on 1-channel 28 px images and 203 on 3-channel 32 px ones (the paper's
-T and T'; views count), however large the batch (tests/test_augment.py bounds them).
+augmentation is a fixed number of dispatched ops however large the batch (tests/test_augment.py bounds
+it).
 
-On a 2-core CPU a call at Fashion-MNIST sizes costs about a millisecond, mostly per-op overhead and
-small matmuls, so the CPU paths avoid what measured slow there: a comparison or `where` over every pixel,
-an addcmul whose first argument is broadcast, ops on tensors whose last dimension is tiny, grouped
-convolutions on small images (MATRIX_BLUR_MAX_SIDE), and rebuilding the crop matrices of small inputs
-(RESAMPLE_TABLE_FLOATS).
+At Fashion-MNIST sizes a CPU call is mostly per-op overhead and small matmuls, so the CPU paths avoid the
+ops that are slow there: a comparison or `where` over every pixel, an addcmul whose first argument is
+broadcast, ops on tensors whose last dimension is tiny, grouped convolutions on small images
+(MATRIX_BLUR_MAX_SIDE), and rebuilding the crop matrices of small inputs (RESAMPLE_TABLE_FLOATS).
 
 The ops (``AugmentConfig.ops``, a subset of ``AUG_OPS``) and what they do, on images in [0, 1]:
 
@@ -193,7 +192,7 @@ def crop_boxes(u: torch.Tensor, c: CropSpace) -> tuple[torch.Tensor, torch.Tenso
     All `CROP_TRIES` candidates are evaluated; each row keeps its first valid one, and rows with none fall
     back to the centre crop torchvision uses. Returns (box [N, 4] as top, left, height, width in input
     pixels, the kept candidate's drawn area fraction, its log-aspect; the box's own for fallbacks).
-    Every op is on 2-D [N, tries] tensors: on a CPU, the same ops on [N, 2, tries] views cost 2-3x more.
+    Every op is on 2-D [N, tries] tensors: on a CPU, the same ops on strided [N, 2, tries] views are slower.
     """
     N = u.shape[0]
     H, W = c.in_size
@@ -280,8 +279,8 @@ def gaussian_blur(x: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
     """Separable per-image blur with [N, size] kernels as grouped convolutions (one group per image
     channel), reflect padding. Kernels of up to SINGLE_PASS_BLUR_TAPS taps run as ONE 2-D convolution
     with the outer-product kernel: 9 multiply-adds a pixel instead of 6 at 3 taps, but one pass of a
-    common depthwise kernel (a 28 px TwoViews call: 100 us less on the reference CPU). Wider kernels
-    (224 px views: 23 taps) run as two 1-D convolutions."""
+    common depthwise kernel instead of two, which at these sizes saves more than the extra arithmetic
+    costs. Wider kernels (224 px views: 23 taps) run as two 1-D convolutions."""
     N, C, H, W = x.shape
     size = kern.shape[1]
     r = size // 2
@@ -330,12 +329,11 @@ def matrix_blur(x: torch.Tensor, kern: torch.Tensor, band: torch.Tensor) -> torc
 
 # Above this output side the blur runs as convolutions. A matrix blur costs ~side / kernel times the
 # multiply-adds (about 7x at the paper's kernel of a tenth of the side), which small views hide behind the
-# grouped convolution's per-image cost and larger ones do not. Measured on the 2-core reference CPU, one
-# TwoViews call (1-channel, batch 128), interleaved: 20 px views 971 us with the matrix blur against 1,030
-# with the one-pass 3x3 convolution (1,109 with two 1-D ones); 28 px 1,307 against 1,201 (1,297).
+# grouped convolution's per-image cost and larger ones do not; the bound is where the two cross on a CPU.
 MATRIX_BLUR_MAX_SIDE = 24
-# The crop reads its matrices from tables of every box while they take at most this many floats (16 MiB):
-# 1.4M at 28 px -> 20 px views, 3.2M at 32 px -> 32 px; 96 px inputs would need 340M.
+# The crop reads its matrices from tables of every box while they take at most this many floats (16 MiB).
+# The tables grow as the cube of the input side times the output side: inputs up to ~32 px fit, and
+# ImageNet-style inputs would need many times this memory, so they compute the matrices per call instead.
 RESAMPLE_TABLE_FLOATS = 4 * 1024 * 1024
 
 
@@ -355,7 +353,7 @@ class _Consts:
     j: torch.Tensor  # [2, out] output pixel index along y and x
     j_flipped: torch.Tensor  # [2, out] the same with x reversed
     # The 4 taps are the LEADING dimension of the tap tensors ([4, N, 2, out]): with the tap last, every
-    # elementwise op ran an inner loop of 4 (measured 3-4x slower on a CPU).
+    # elementwise op ran an inner loop of 4, which a CPU cannot vectorise.
     tap_off: torch.Tensor  # [4, 1, 1, 1] with tap_sign: distances t + 1, t, 1 - t, 2 - t to the 4 taps
     tap_sign: torch.Tensor
     tap_idx: torch.Tensor  # [4, 1, 1, 1] tap offsets -1, 0, 1, 2 from floor(source)
@@ -501,12 +499,12 @@ class BatchedViews:
                 x = gaussian_blur(x, kern) if c.blur_band is None else matrix_blur(x, kern, c.blur_band)
             elif op == "solarize":
                 at = torch.where(params["solarize"], c.solarize_at, 2.0).view(N, 1, 1, 1)  # 2: never
-                # where(x >= t, 1 - x, x) in float ops only (a comparison and a where over the pixels
-                # took 3x as long on a CPU): s = clamp(floor(x - t), -1, 0) + 1 is exactly 1 where
+                # where(x >= t, 1 - x, x) in float ops only (a comparison plus a where over every pixel
+                # is slower on a CPU than float ops): s = clamp(floor(x - t), -1, 0) + 1 is exactly 1 where
                 # x >= t (a rounded x - t keeps its sign), and |s - x| is then exactly 1 - x or x.
                 x = (x - at).floor_().clamp_(-1.0, 0.0).add_(1.0).sub_(x).abs_()
         # (x - mean) / std, in place: every branch above made x anew. Not addcmul(shift, x, scale), whose
-        # broadcast first argument runs unvectorised on a CPU (4x slower than these two).
+        # broadcast first argument runs unvectorised on a CPU (slower than these two).
         return x.mul_(c.scale).add_(c.shift)
 
     def _crop_flip(
@@ -518,12 +516,12 @@ class BatchedViews:
         Output pixel j of a box [left, left + w) samples the source at left + (j + 0.5) w / out - 0.5 (j
         counted from the box's right edge when flipped). That grid is axis-aligned, so the 2-D bicubic
         is a product of 1-D ones: y = R_y x R_x^T with per-row [out, H] and [out, W] matrices of 4
-        cubic weights per row (taps past the border weigh on the edge pixel). On a CPU this is many
-        times faster than affine_grid + grid_sample at small sizes; on a GPU it is a few GEMMs.
+        cubic weights per row (taps past the border weigh on the edge pixel). On a CPU, matmuls are far
+        cheaper than affine_grid + grid_sample's per-pixel gathers at small sizes; on a GPU they are a few GEMMs.
 
         With `views` > 1, `x` holds B source images and row v * B + b of `box` is view v of image b: the
         x pass multiplies each source image once by all its views' R_x stacked, and the y pass runs
-        once per view, so the batch is never copied per view (that copy was 10% of a call on a CPU).
+        once per view, so the batch is never copied per view (a copy that is pure memory traffic).
         """
         _, C, H, W = x.shape
         N = box.shape[0]
@@ -562,7 +560,7 @@ class BatchedViews:
         c0, c1, c2, c3 = c.cubic
         weight = torch.addcmul(c0, torch.addcmul(c1, torch.addcmul(c2, c3, d), d), d)
         taps = base + c.tap_idx
-        # Scalar bounds where they are the same on both axes: a clamp to tensor bounds is 5x slower.
+        # Scalar bounds where they are the same on both axes: a clamp to tensor bounds is slower on a CPU.
         taps = (taps.clamp_(0, H - 1) if H == W else torch.clamp(taps, min=c.tap_min, max=c.tap_max)).long()
         n_img = N // views
         mats = buffer.view(2, n_img, views, out, -1)
@@ -577,7 +575,7 @@ class BatchedViews:
         box: torch.Tensor, flip: torch.Tensor, c: _Consts, views: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`_resample_matrices` read from tables of every whole-pixel box (`_resample_tables`): two
-        index_selects instead of a dozen ops and a scatter (~40% of the crop on a CPU at 28 px).
+        index_selects instead of a dozen ops and a scatter, a large part of the crop's cost on a CPU.
         Returns (ry [views, img, out, H], rx [img, views * out, W])."""
         N = box.shape[0]
         ry_table, rx_table = c.tables
@@ -669,8 +667,8 @@ class BatchedViews:
                     self._tables[tables] = self._resample_tables(c, tuple(in_size))
                 c.tables = self._tables[tables]
                 if c.tables is None:
-                    # The computed path scatters into a buffer kept between calls: a fresh 1-2 MB tensor each
-                    # call costs the CPU page faults when its memory is first touched, more than the zeroing.
+                    # The computed path scatters into a buffer kept between calls: a fresh tensor each call
+                    # costs the CPU page faults when its memory is first touched, more than the zeroing.
                     c.resample = c.j.new_zeros(2, batch * len(self.views), self.out_size, max(in_size))
             self._consts[key] = c
         return self._consts[key]
