@@ -84,7 +84,7 @@ class BatchedViews:
             shared = True
         check_channels(x)
         batch = x.shape[0] if shared else x.shape[0] // V
-        params = self.sample_params(batch, x.shape[1], tuple(x.shape[-2:]), generator, x.device)
+        params = self.sample_params(batch, x.shape[1], (x.shape[-2], x.shape[-1]), generator, x.device)
         return self.apply(x, params, shared=shared)
 
     # -- the first half: every random draw ---------------------------------------------------------
@@ -181,7 +181,7 @@ class BatchedViews:
                 # Batch-independent, so shared by every batch size of an input size.
                 tables = (tuple(in_size), str(device))
                 if tables not in self._tables:
-                    self._tables[tables] = resample_tables(c, tuple(in_size), self.out_size)
+                    self._tables[tables] = resample_tables(c, in_size, self.out_size)
                 c.tables = self._tables[tables]
                 if c.tables is None:
                     # The computed path scatters into a buffer kept between calls: a fresh tensor each call

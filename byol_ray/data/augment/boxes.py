@@ -60,7 +60,6 @@ class CropSpace:
         def rows(v: list) -> torch.Tensor:
             return torch.tensor(v, dtype=torch.float32, device=device).repeat_interleave(repeat, 0)
 
-        f32 = dict(dtype=torch.float32, device=device)
         area_t, ratio_t = rows(area), rows(ratio)
         return cls(
             area_lo=area_t[:, :1],
@@ -68,8 +67,8 @@ class CropSpace:
             ratio_lo=ratio_t[:, :1],
             ratio_span=ratio_t[:, 1:],
             pixels=float(H * W),
-            hw_hi=torch.tensor([H + 1, W + 1], **f32),
-            hw_lim=torch.tensor([H, W], **f32),
+            hw_hi=torch.tensor([H + 1, W + 1], dtype=torch.float32, device=device),
+            hw_lim=torch.tensor([H, W], dtype=torch.float32, device=device),
             fallback=rows(fb),
             fallback_tl=rows(fb_tl),
             in_size=(H, W),

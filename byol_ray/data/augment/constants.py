@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 
@@ -63,6 +64,13 @@ class ViewConstants:
     shift: torch.Tensor  # [1, C, 1, 1] -mean / std
 
 
+class _Float32(TypedDict):
+    """Keyword arguments that make a float32 tensor on one device."""
+
+    dtype: torch.dtype
+    device: torch.device
+
+
 def build_constants(
     views: Sequence[ViewConfig],
     ops: Sequence[str],
@@ -83,7 +91,7 @@ def build_constants(
     if len(mean) not in (1, C) or len(std) not in (1, C):
         # Broadcasting a 3-value mean over 1-channel images would silently triple the channels.
         raise ValueError(f"mean/std have {len(mean)} values for {C}-channel images; give 1 or {C}")
-    f32 = dict(dtype=torch.float32, device=device)
+    f32 = _Float32(dtype=torch.float32, device=device)
 
     def t(v) -> torch.Tensor:
         return torch.tensor(v, **f32)

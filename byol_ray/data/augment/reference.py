@@ -24,7 +24,8 @@ def reference_view_transform(
     torchvision's ColorJitter brightness is multiplicative (factor U(1-b, 1+b)), not additive, and its
     crop antialiases when shrinking. Crop and flip come first, then the other listed ops in order.
     """
-    from torchvision.transforms import InterpolationMode, v2
+    # torchvision ships no type information; unused-ignore: pyproject may come to ignore it project-wide.
+    from torchvision.transforms import InterpolationMode, v2  # type: ignore[import-untyped,unused-ignore]
 
     bicubic = InterpolationMode.BICUBIC
     steps: list[Callable] = []

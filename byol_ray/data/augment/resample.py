@@ -53,6 +53,7 @@ def crop_flip(
     if c.tables is not None:
         ry, rx = table_matrices(box, flip, c, views)
     else:
+        assert c.resample is not None  # BatchedViews makes the buffer wherever it makes no tables
         mats = resample_matrices(box, flip, c, c.resample.zero_(), views, (H, W))
         ry, rx = mats[0, ..., :H].transpose(0, 1), mats[1, ..., :W].reshape(n_img, views * out, W)
     # ry: [views, img, out, H]; rx: [img, views * out, W], each image's views' R_x stacked.
@@ -101,6 +102,7 @@ def table_matrices(
     index_selects instead of a dozen ops and a scatter, a large part of the crop's cost on a CPU.
     Returns (ry [views, img, out, H], rx [img, views * out, W])."""
     N = box.shape[0]
+    assert c.tables is not None  # only called where BatchedViews made the tables
     ry_table, rx_table = c.tables
     size = box[:, 2:]
     # Table rows: top + H h along y, left + W (w + (W + 1) flip) along x (exact in float32).

@@ -36,7 +36,8 @@ class TwoViews:
         self.batched = BatchedViews([cfg.view1, cfg.view2], cfg.ops if ops is None else ops, out_size, mean, std)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.both(images, generator).chunk(2)
+        first, second = self.both(images, generator).chunk(2)
+        return first, second
 
     def both(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """[2B, C, out, out]: the first view's B images, then the second's."""
