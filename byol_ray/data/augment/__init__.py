@@ -14,7 +14,8 @@ it).
 At Fashion-MNIST sizes a CPU call is mostly per-op overhead and small matmuls, so the CPU paths avoid the
 ops that are slow there: a comparison or `where` over every pixel, an addcmul whose first argument is
 broadcast, ops on tensors whose last dimension is tiny, grouped convolutions on small images
-(MATRIX_BLUR_MAX_SIDE), and rebuilding the crop matrices of small inputs (RESAMPLE_TABLE_FLOATS).
+(blur.MATRIX_BLUR_MAX_SIDE), and rebuilding the crop matrices of small inputs
+(resample.RESAMPLE_TABLE_FLOATS).
 
 The ops (``AugmentConfig.ops``, a subset of ``AUG_OPS``) and what they do, on images in [0, 1]:
 
@@ -33,7 +34,7 @@ The ops (``AugmentConfig.ops``, a subset of ``AUG_OPS``) and what they do, on im
 - ``grayscale``: luma 0.2989 R + 0.5870 G + 0.1140 B, copied to the 3 channels.
 - ``blur``: Gaussian, sigma ~ U(blur_sigma), separable, reflect padding; the kernel side is
   ``blur_kernel_frac`` of the output side made odd as in the authors' code (224 -> 23, 96 -> 9), at least 3.
-  Views up to MATRIX_BLUR_MAX_SIDE are blurred as K x K^T with per-image blur matrices, larger ones by
+  Views up to blur.MATRIX_BLUR_MAX_SIDE are blurred as K x K^T with per-image blur matrices, larger ones by
   grouped convolutions.
 - ``solarize``: x -> 1 - x where x >= threshold.
 
