@@ -1,8 +1,9 @@
 """Crop boxes: torchvision's RandomResizedCrop box (area fraction U(scale), log-aspect U(log ratio),
 `CROP_TRIES` tries, then a centre crop) drawn for every image at once from uniforms, as whole pixels.
 
-`CROP_DRAWS` are the first columns of an image's uniforms for one view (see draws.py); `crop_boxes` reads
-only those, so the streamed pipeline's workers (`sample_crop_boxes`) draw the same boxes from them.
+`CROP_DRAWS` are the first columns of an image's uniforms for one view (see draws.py) and the only ones
+`crop_boxes` reads, so the streamed pipeline's workers (`sample_crop_boxes`) draw just those columns and
+get the same box distribution as `BatchedViews`.
 """
 
 from __future__ import annotations
