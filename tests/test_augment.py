@@ -1,4 +1,4 @@
-"""Tests for byol_ray.augment: per-view probabilities, exact op results, crop boxes, reproducibility,
+"""Tests for byol_ray.data.augment: per-view probabilities, exact op results, crop boxes, reproducibility,
 ablation ops, 1-channel no-ops, additive brightness, the eval transform and the torchvision reference."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from byol_ray.config import AUG_OPS, AugmentConfig, ViewConfig
-from byol_ray.data import augment
 from byol_ray.data.augment import (
     JITTER_OPS,
     LUMA,
@@ -26,6 +25,7 @@ from byol_ray.data.augment import (
     matrix_blur,
     noop_ops,
     reference_view_transform,
+    resample,
 )
 
 T = AugmentConfig().view1
@@ -336,14 +336,14 @@ def test_crop_tables_hold_exactly_the_computed_matrices(monkeypatch, in_size, ou
     with_tables = tabled.batched.apply(x, p, shared=True)
     c = tabled.batched._constants(n, 1, in_size, "cpu")
     assert c.tables is not None
-    ry, rx = tabled.batched._table_matrices(p["crop_box"], p["flip"], c, 2)
+    ry, rx = resample.table_matrices(p["crop_box"], p["flip"], c, 2)
 
-    monkeypatch.setattr(augment, "RESAMPLE_TABLE_FLOATS", 0)
+    monkeypatch.setattr(resample, "RESAMPLE_TABLE_FLOATS", 0)
     computed = TwoViews(AugmentConfig(), out, [0.5], [0.25], ops=["crop", "flip"])
     without = computed.batched.apply(x, p, shared=True)
     c2 = computed.batched._constants(n, 1, in_size, "cpu")
     assert c2.tables is None
-    mats = computed.batched._resample_matrices(p["crop_box"], p["flip"], c2, c2.resample.zero_(), 2, in_size)
+    mats = resample.resample_matrices(p["crop_box"], p["flip"], c2, c2.resample.zero_(), 2, in_size)
     assert torch.equal(ry, mats[0, ..., :H].transpose(0, 1))
     assert torch.equal(rx, mats[1, ..., :W].reshape(n, 2 * out, W))
     torch.testing.assert_close(with_tables, without, atol=1e-6, rtol=0)

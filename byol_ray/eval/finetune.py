@@ -6,7 +6,7 @@ The paper's protocol (section 4, table 2) scaled down to a 2-core CPU:
   BYOL encoder and the untrained baseline see exactly the same images; the indices are returned so the
   caller can record them.
 - SGD with Nesterov momentum 0.9, cosine decay to 0, light augmentation (random resized crop + horizontal
-  flip, the batched ops of ``data/augment.py``), evaluation with the deterministic ``eval_transform``.
+  flip, the batched ops of ``data/augment/``), evaluation with the deterministic ``eval_transform``.
 - DEPARTURES from the paper's ImageNet setting (``docs/paper_recipe.md``), and why: a fixed number of
   optimiser steps at batch 128 instead of tens of epochs at batch 1024 (minutes of CPU, not GPU-days);
   crops keep 50-100% of a 28 px image rather than 8-100% of 224 px (a garment must stay recognisable on
