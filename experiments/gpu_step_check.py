@@ -95,6 +95,7 @@ def check_captured(dev: torch.device, precision: str) -> dict:
     for micro in steps:
         for name, tr in (("eager", eager), ("captured", captured)):
             losses[name].append(to_host(tr.train_step(micro))[0])
+    assert captured.captured is not None  # capture_steps() above set it
     out = {"losses": losses, "recorded": isinstance(captured.captured.graph, torch.cuda.CUDAGraph)}
     finite = all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
     out["finite"] = bool(finite)

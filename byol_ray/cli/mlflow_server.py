@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 flush=True,
             )
+            assert server.proc is not None  # start() returned: the server process is up
             return server.proc.wait()
         finally:
             server.stop()

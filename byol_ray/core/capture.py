@@ -56,14 +56,16 @@ class CapturedStep:
         if self.graph is None and self.eager_calls < self.warmup:
             self.eager_calls += 1
             return self._on_side_stream(micro_batches)
-        if self.graph is None:
-            self._capture(micro_batches)
+        graph = self.graph
+        if graph is None:
+            graph = self._capture(micro_batches)
         elif self.signature(micro_batches) != self.signature(self.inputs):
             return self.step(micro_batches)
         for (sx, sy), (x, y) in zip(self.inputs, micro_batches):
             sx.copy_(x, non_blocking=True)
             sy.copy_(y, non_blocking=True)
-        self.graph.replay()
+        graph.replay()
+        assert self.output is not None  # recorded by the capture (CUDA), or set by the eager replay just run
         return self.output
 
     def _on_side_stream(self, micro_batches: Batch) -> torch.Tensor:
@@ -76,16 +78,17 @@ class CapturedStep:
         torch.cuda.current_stream(self.device).wait_stream(side)
         return out
 
-    def _capture(self, micro_batches: Batch) -> None:
+    def _capture(self, micro_batches: Batch) -> torch.cuda.CUDAGraph | _EagerReplay:
         self.inputs = [(x.to(self.device).clone(), y.to(self.device).clone()) for x, y in micro_batches]
         if self.device.type != "cuda":
             self.graph = _EagerReplay(self)
-            return
+            return self.graph
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.generator)
         with torch.cuda.graph(graph):
             self.output = self.step(self.inputs)
         self.graph = graph  # recorded, not run: the caller's replay makes this step
+        return graph
 
 
 class _EagerReplay:

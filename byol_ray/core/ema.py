@@ -30,8 +30,9 @@ class EMA:
         if online_params.keys() != target_params.keys():
             raise ValueError("online and target networks have different parameters")
         self.names = list(target_params)
-        self.online = [online_params[n] for n in self.names]
-        self.target = [target_params[n] for n in self.names]
+        # Tensors (not list[Parameter]): the foreach ops and _ema_ take lists of tensors.
+        self.online: list[torch.Tensor] = [online_params[n] for n in self.names]
+        self.target: list[torch.Tensor] = [target_params[n] for n in self.names]
         ob, tb = dict(online.named_buffers()), dict(target.named_buffers())
         float_bufs = [n for n in tb if tb[n].is_floating_point()]
         self.online_fbuf = [ob[n] for n in float_bufs]

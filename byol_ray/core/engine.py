@@ -27,7 +27,7 @@ from ..seeding import epoch_seed
 from .capture import CapturedStep
 from .ema import EMA, tau_at
 from .loss import byol_loss
-from .model import OnlineNetwork, make_target, memory_format, two_view_forward, unwrap
+from .model import OnlineNetwork, ResNetEncoder, make_target, memory_format, two_view_forward, unwrap
 from .optim import build_optimizer, peak_lr, set_lr
 from .schedules import schedule_position, warmup_cosine
 from .sync import to_host
@@ -109,19 +109,22 @@ class Pretrainer:
 
         # Same seed on every rank: identical initial weights even before DDP's broadcast.
         torch.manual_seed(cfg.run.seed)
-        online = OnlineNetwork(cfg.model, inputs.channels).to(device)
-        self.memory_format = memory_format(cfg.model.channels_last, online, device)
-        online = online.to(memory_format=self.memory_format)
+        net = OnlineNetwork(cfg.model, inputs.channels).to(device)
+        self.memory_format = memory_format(cfg.model.channels_last, net, device)
+        net = net.to(memory_format=self.memory_format)
         if device.type == "cuda" and world_size > 1 and cfg.model.sync_batchnorm:
-            online = nn.SyncBatchNorm.convert_sync_batchnorm(online)
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # converts the layers in place, returns `net`
+        # The online network itself; `self.online`, what the step calls, is DDP around it on several workers.
+        self.net = net
+        online: nn.Module = net
         if world_size > 1:
             # No per-forward buffer broadcast: BatchNorm buffers are averaged explicitly after each step.
             online = nn.parallel.DistributedDataParallel(
-                online, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+                net, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
             )
         self.online = online
         # The target starts as a copy of the (DDP-broadcast) online weights.
-        self.target = make_target(unwrap(online)).to(device)
+        self.target = make_target(net).to(device)
         if cfg.run.precision == "bf16" and device.type == "cpu" and not cpu_bf16_supported():
             raise ConfigError(
                 "run.precision: bf16 on this worker's CPU would be emulated (no AVX-512 BF16 or AMX "
@@ -133,22 +136,22 @@ class Pretrainer:
         if mode in ("networks", "step"):
             # In place (nn.Module.compile): parameter names, state dicts, DDP and the EMA's tensor lists
             # are those of the uncompiled modules.
-            unwrap(online).compile()
+            net.compile()
             self.target.compile()
         # The whole step as one CUDA graph: one replica per process and a CUDA device (a CPU run has no
         # graphs to record; it trains eagerly, as without the option).
         capture = mode in ("graph", "step") and device.type == "cuda" and world_size == 1
-        self.ema = EMA(unwrap(online).branch, self.target, cfg.model.target_bn)
+        self.ema = EMA(net.branch, self.target, cfg.model.target_bn)
         # Every float buffer of the online network (encoder, projector and predictor BatchNorm).
-        self._online_fbufs = [b for b in unwrap(online).buffers() if b.is_floating_point()]
-        self.optimizer = build_optimizer(unwrap(online), cfg.optim)
+        self._online_fbufs = [b for b in net.buffers() if b.is_floating_point()]
+        self.optimizer = build_optimizer(net, cfg.optim)
         # Online linear probe on detached representations (eval.online_probe): a cheap accuracy monitor,
         # trained with its own optimiser and its gradients averaged over workers so it is identical on
         # every rank. The fused Adam keeps its step count in a tensor next to the parameters and never
         # reads it back (the foreach one calls .item() on it every step).
         self.probe = self.probe_opt = None
         if cfg.eval.online_probe:
-            self.probe = nn.Linear(unwrap(online).encoder.out_dim, inputs.n_classes).to(device)
+            self.probe = nn.Linear(net.encoder.out_dim, inputs.n_classes).to(device)
             self.probe_opt = torch.optim.Adam(self.probe.parameters(), lr=1e-3, fused=True)
         self.view_side = cfg.augment.view_size or cfg.data.image_size  # the training views' side in pixels
         self.views = TwoViews(cfg.augment, self.view_side, inputs.mean, inputs.std)
@@ -225,8 +228,10 @@ class Pretrainer:
             labels = labels.to(self.device, non_blocking=True)
             v1, v2 = self.make_views(images)
             # All-reduce gradients only on the last micro-batch of the step.
-            sync = (i == n_micro - 1) or not isinstance(self.online, nn.parallel.DistributedDataParallel)
-            ctx = contextlib.nullcontext() if sync else self.online.no_sync()
+            if i < n_micro - 1 and isinstance(self.online, nn.parallel.DistributedDataParallel):
+                ctx: contextlib.AbstractContextManager = self.online.no_sync()
+            else:
+                ctx = contextlib.nullcontext()
             with ctx:
                 y1, z1, loss = self.forward_loss(v1, v2)
                 (loss / n_micro).backward()
@@ -250,7 +255,8 @@ class Pretrainer:
     def make_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both views of a batch (from this replica's generator) in the networks' memory format: one
         batch of 2B through the augmentation, one channels-last copy, two contiguous halves."""
-        return self.views.both(images, self.generator).contiguous(memory_format=self.memory_format).chunk(2)
+        v1, v2 = self.views.both(images, self.generator).contiguous(memory_format=self.memory_format).chunk(2)
+        return v1, v2
 
     def take_stats(self) -> torch.Tensor:
         """The STEP_STATS sums since the last call (a device tensor), and start new sums."""
@@ -293,7 +299,7 @@ class Pretrainer:
         return loss.detach(), correct.float(), count.float()
 
     def _probe_step(self) -> None:
-        if self.probe is None:
+        if self.probe is None or self.probe_opt is None:  # both or neither (eval.online_probe)
             return
         grads = [p.grad for p in self.probe.parameters() if p.grad is not None]
         if not grads:
@@ -310,8 +316,8 @@ class Pretrainer:
 
     # ---- state ----------------------------------------------------------------------------------
     @property
-    def encoder(self) -> nn.Module:
-        return unwrap(self.online).encoder
+    def encoder(self) -> ResNetEncoder:
+        return self.net.encoder
 
     def state_dict(self) -> dict:
         out = {
@@ -320,7 +326,7 @@ class Pretrainer:
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
         }
-        if self.probe is not None:
+        if self.probe is not None and self.probe_opt is not None:
             out.update(probe=self.probe.state_dict(), probe_optimizer=self.probe_opt.state_dict())
         return out
 
@@ -328,7 +334,7 @@ class Pretrainer:
         unwrap(self.online).load_state_dict(state["online"])
         self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.probe is not None:
+        if self.probe is not None and self.probe_opt is not None:
             self.probe.load_state_dict(state["probe"])
             self.probe_opt.load_state_dict(state["probe_optimizer"])
         self.step = int(state["step"])

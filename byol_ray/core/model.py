@@ -8,6 +8,7 @@ paper's ImageNet setting does not need: the stem (small images) and the base wid
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 import torchvision
@@ -166,10 +167,11 @@ def make_target(online: OnlineNetwork) -> Branch:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module under DDP / torch.compile wrappers."""
+    # Both wrappers hold a Module there; nn.Module's __getattr__ is typed Tensor | Module.
     while True:
         if hasattr(model, "module"):
-            model = model.module
+            model = cast(nn.Module, model.module)
         elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+            model = cast(nn.Module, model._orig_mod)
         else:
             return model

@@ -17,7 +17,8 @@ def is_excluded(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    regular, excluded = [], []
+    regular: list[nn.Parameter] = []
+    excluded: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (excluded if is_excluded(name, p) else regular).append(p)
@@ -57,7 +58,8 @@ class LARS(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
+            # A list here, a tuple once a foreach op has replaced it: the two kinds that foreach ops take.
+            grads: list[torch.Tensor] | tuple[torch.Tensor, ...] = [p.grad for p in params]
             if group["weight_decay"]:
                 grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
             if group["lars_adapt"]:

@@ -64,8 +64,8 @@ class FolderImages(torch.utils.data.Dataset):
         S = self.size
         out = np.empty((2, 3, S, S), dtype=np.uint8)
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
+            with Image.open(path) as f:
+                im = f.convert("RGB")
                 W, H = im.size
                 for v, view in enumerate(self.views):
                     if self.crop:

@@ -420,7 +420,8 @@ def _read_stl10(cfg: DataConfig, split: str, limit: int) -> ImageData:
 def _check_stl10(cfg: DataConfig, split: str) -> int:
     xpath, ypath, _ = _stl_files(cfg, split)
     n_images = _stl_count(cfg, xpath)
-    _same_count(cfg, xpath, n_images, ypath, ypath.stat().st_size)  # labels: one byte each
+    if ypath is not None:  # the unlabeled split has no label file
+        _same_count(cfg, xpath, n_images, ypath, ypath.stat().st_size)  # labels: one byte each
     return n_images
 
 
@@ -460,11 +461,11 @@ def folder_files(cfg: DataConfig, split: str) -> tuple[list[tuple[Path, int]], l
     return files, classes
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
+def decode_image(path: Path | str, size: int) -> np.ndarray:
     """RGB [3, size, size]: shorter side resized to ``size``, then centre-cropped."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as f:
+            im = f.convert("RGB")
             w, h = im.size
             scale = size / min(w, h)
             nw, nh = max(size, round(w * scale)), max(size, round(h * scale))

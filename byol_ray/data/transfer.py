@@ -32,12 +32,13 @@ def load_digits_splits(seed: int = 0, test_fraction: float = 0.3) -> tuple[Image
     labels = d.target.astype(np.int64)
     tr, te = train_test_split(np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed)
     classes = [str(c) for c in d.target_names]
-    return tuple(
-        ImageData(
+
+    def split(i: np.ndarray, name: str) -> ImageData:
+        return ImageData(
             torch.from_numpy(np.ascontiguousarray(images[i])), torch.from_numpy(labels[i]), classes, f"digits/{name}"
         )
-        for i, name in ((tr, "train"), (te, "test"))
-    )
+
+    return split(tr, "train"), split(te, "test")
 
 
 def adapt(data: ImageData, channels: int, size: int) -> tuple[ImageData, list[str]]:
@@ -46,8 +47,8 @@ def adapt(data: ImageData, channels: int, size: int) -> tuple[ImageData, list[st
     x = data.images
     if x.shape[1] != channels:
         if channels == 1:
-            w = torch.tensor(LUMA, dtype=torch.float32).view(1, 3, 1, 1)
-            x = (x.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+            luma = torch.tensor(LUMA, dtype=torch.float32).view(1, 3, 1, 1)
+            x = (x.float() * luma).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
             notes.append(f"{data.name}: 3-channel images averaged to 1 channel (luma) for a 1-channel encoder")
         else:
             x = x.expand(-1, 3, -1, -1)

@@ -47,9 +47,13 @@ class UserErrorsAreFinal(DefaultFailurePolicy):
 class ByolTrainer(TorchTrainer):
     """A `TorchTrainer` whose controller uses `UserErrorsAreFinal`."""
 
+    # ray.train.torch and ray.train export Train v2's TorchTrainer and RunConfig at run time (v2 is on by
+    # default) but mypy sees their v1 definitions, which have no controller and v1's Optional FailureConfig
+    # (v2's RunConfig.__post_init__ always sets one): hence the two ignores.
     def _initialize_and_run_controller(self, **controller_init_kwargs):
-        controller_init_kwargs["failure_policy"] = UserErrorsAreFinal(self.run_config.failure_config)
-        return super()._initialize_and_run_controller(**controller_init_kwargs)
+        failure_config = self.run_config.failure_config
+        controller_init_kwargs["failure_policy"] = UserErrorsAreFinal(failure_config)  # type: ignore[arg-type]
+        return super()._initialize_and_run_controller(**controller_init_kwargs)  # type: ignore[misc]
 
 
 class _DropUserErrorTraceback(logging.Filter):

@@ -32,7 +32,7 @@ from .preflight import preflight, storage_path
 # The trial function only waits on its Ray Train run. Tune cannot schedule it on nothing, and any CPU
 # share (even the 0.01 often suggested) leaves a 2-CPU node 1.98 CPUs: one 1-CPU worker group fewer than
 # the trials Tune starts, which then wait. Memory is a resource too, and reserving 64 MiB of it costs no CPU.
-TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 64 * 2**20}
+TRIAL_DRIVER_RESOURCES: dict[str, float] = {"cpu": 0, "memory": 64 * 2**20}
 
 
 def trial_key(variant: str, seed: int) -> str:
@@ -163,7 +163,9 @@ def run_sweep(
             flush=True,
         )
         raise KeyboardInterrupt
-    errors = [r for r in grid if r.error is not None]
+    # Indexed: ResultGrid is a sequence through __len__ and __getitem__, without the __iter__ mypy needs.
+    results = [grid[i] for i in range(len(grid))]
+    errors = [r for r in results if r.error is not None]
     stopped = settle_children(tracker, "asha" if spec.asha.enabled else "ended early")
     tracker.set_tags(
         {"wall_seconds": f"{wall:.0f}", "trials_errored": str(len(errors)), "trials_stopped_early": str(len(stopped))}
@@ -171,7 +173,8 @@ def run_sweep(
     report = build_report(tracker, out_dir)
     if errors:
         tracker.end("FAILED")
-        msgs = "; ".join(f"{r.config.get('trial')}: {str(r.error).splitlines()[0][:300]}" for r in errors[:5])
+        # Tune gives every trial's result its config; Ray annotates Result.config as optional.
+        msgs = "; ".join(f"{(r.config or {}).get('trial')}: {str(r.error).splitlines()[0][:300]}" for r in errors[:5])
         raise UserError(
             f"sweep {spec.name!r}: {len(errors)} of {len(trials_cfg)} trial(s) failed ({msgs}). "
             f"Fix the cause and rerun the same command: finished trials are kept, failed ones rerun."

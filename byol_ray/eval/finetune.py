@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ViewConfig
-from ..core.model import memory_format
+from ..core.model import ResNetEncoder, memory_format
 from ..core.schedules import cosine_decay
 from ..data.augment import ViewTransform
 from ..errors import UserError
@@ -79,7 +79,7 @@ def balanced_subset(
 
 
 def finetune(
-    encoder: nn.Module,
+    encoder: ResNetEncoder,
     n_classes: int,
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -126,7 +126,8 @@ def _batches(n: int, batch: int, steps: int, seed: int) -> list[torch.Tensor]:
     if batch < 2:
         raise UserError(f"fine-tuning needs at least 2 labelled images, got {n}")
     g = torch.Generator().manual_seed(seed)
-    out, perm, pos = [], torch.randperm(n, generator=g), 0
+    out: list[torch.Tensor] = []
+    perm, pos = torch.randperm(n, generator=g), 0
     while len(out) < steps:
         if pos + batch > n:
             perm, pos = torch.randperm(n, generator=g), 0
@@ -151,7 +152,7 @@ def classify(
 
 
 def finetune_and_score(
-    make_encoder: Callable[[], nn.Module],
+    make_encoder: Callable[[], ResNetEncoder],
     train_images: torch.Tensor,
     train_labels: torch.Tensor,
     test_images: torch.Tensor,
@@ -171,6 +172,8 @@ def finetune_and_score(
 
     Returns test top-1/top-5 of the kept model, its lr and every lr's held-out top-1.
     """
+    if not lrs:
+        raise ValueError("no learning rate to fine-tune with")
     if len(lrs) > 1 and val is None:
         raise ValueError("several learning rates need a held-out set to choose between them")
     best, val_scores = None, {}
@@ -191,11 +194,13 @@ def finetune_and_score(
         if len(lrs) == 1:
             best = (lr, model)
             break
+        assert val is not None  # several learning rates: checked on entry
         score = classify(model, val[0], val[1], size, mean, std, device=options.device)["top1"]
         val_scores[lr] = score
         log(f"[finetune] lr {lr:g}: held-out top-1 {score:.2f}")
         if best is None or score > val_scores[best[0]]:  # ties keep the earlier (smaller) lr
             best = (lr, model)
+    assert best is not None  # lrs is not empty, and the first lr is always kept
     lr, model = best
     test = classify(model, test_images, test_labels, size, mean, std, device=options.device)
     return {**test, "lr": lr, "val_top1": val_scores, "model": model}

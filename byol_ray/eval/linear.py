@@ -86,7 +86,7 @@ def train_linear(
 def _select_and_refit(
     split: FeatureSplit,
     grid: Sequence[float],
-    fit: Callable[[torch.Tensor, torch.Tensor, int, float], nn.Module],
+    fit: Callable[[torch.Tensor, torch.Tensor, int, float], nn.Linear],
     prefer_larger: bool,
     holdout_fraction: float,
     seed: int,

@@ -120,7 +120,7 @@ def _linear(spec, cfg, channels, encoders, device, log):
 def _semi(spec, cfg, channels, encoders, device, log):
     dcfg, train, test, mean, std = _load_pretraining_data(spec, cfg)
     n_classes = len(train.classes)
-    rows = {name: {} for name in encoders}
+    rows: dict[str, dict[str, float]] = {name: {} for name in encoders}
     params: dict[str, Any] = {
         "dataset": dcfg.dataset,
         "fractions": spec["fractions"],
@@ -186,7 +186,7 @@ def _semi(spec, cfg, channels, encoders, device, log):
 
 def _transfer(spec, cfg, channels, encoders, device, log):
     size = cfg.data.image_size
-    rows = {name: {} for name in encoders}
+    rows: dict[str, dict[str, float]] = {name: {} for name in encoders}
     solver = spec.get("solver", "lbfgs")
     params: dict[str, Any] = {
         "datasets": spec["datasets"],

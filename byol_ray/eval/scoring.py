@@ -136,7 +136,7 @@ def knn_accuracy(
         sim, idx = (te[i : i + chunk] @ tr.T).topk(k, dim=1)
         votes = torch.zeros(len(sim), n_classes)
         votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
-        correct += (votes.argmax(1) == test_y[i : i + chunk]).sum().item()
+        correct += int((votes.argmax(1) == test_y[i : i + chunk]).sum().item())
     return 100.0 * correct / len(te)
 
 

@@ -120,6 +120,7 @@ def tracking_uri_scope(uri: str) -> Iterator[None]:
     finally:
         # None returns MLflow to reading the environment (and unsets the variable), which then gets
         # back its previous value.
-        mlflow.set_tracking_uri(None)
+        # MLflow handles None (see above) but annotates the argument as str | Path only.
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
         if previous is not None:
             os.environ["MLFLOW_TRACKING_URI"] = previous

@@ -14,9 +14,20 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+from typing import Protocol
 
 from .client import delivery_errors
 from .uri import redact
+
+
+class _Sampler(Protocol):
+    """What SystemMetrics uses of the monitor that `_monitor_class` builds (MLflow is not imported here)."""
+
+    ended: threading.Event
+
+    def start(self) -> None: ...
+
+    def finish(self) -> None: ...
 
 
 @functools.cache
@@ -47,7 +58,7 @@ class SystemMetrics:
         self.uri = uri
         self.run_id = run_id
         self.interval_s = interval_s
-        self.monitor = None
+        self.monitor: _Sampler | None = None
 
     @property
     def running(self) -> bool:

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -80,6 +81,11 @@ class TrainData:
 
     def __len__(self) -> int:
         return len(self.split)
+
+    def in_memory_batch(self, micro: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One step's (images, labels) micro-batches of the in-memory split, from their index tensors."""
+        assert self.images is not None and self.labels is not None, "a streamed split is not in memory"
+        return [(self.images[idx], self.labels[idx]) for idx in micro]
 
     def test_split(self) -> ImageData:
         """The test split, read from disk once (kNN epochs and the final evaluation share it)."""
@@ -259,11 +265,11 @@ def make_plan(cfg: Config, trainer: Pretrainer, data: TrainData, rank: int, worl
     steps = [worker_batches(cfg, perm, s % spe, rank, world) for s in range(UNTIMED_STEPS + WARMUP_STEPS)]
     if data.stream is not None:
         fed = list(data.stream.micro_batches(0, steps))
-        batch = fed.__getitem__
+        batch: Callable[[int], list] = fed.__getitem__
     else:
 
         def batch(i: int) -> list:
-            return [(data.images[idx], data.labels[idx]) for idx in steps[i]]
+            return data.in_memory_batch(steps[i])
 
     trainer.start_epoch(0)
     step_s = measure_step_seconds(trainer, batch)
@@ -306,7 +312,7 @@ def train_one_epoch(
         _maybe_crash(cfg, rank, trainer.step)
         if cfg.debug.step_delay_s:
             time.sleep(cfg.debug.step_delay_s)
-        micro = next(streamed) if streamed is not None else [(data.images[i], data.labels[i]) for i in batches[s]]
+        micro = next(streamed) if streamed is not None else data.in_memory_batch(batches[s])
         stats = trainer.train_step(micro)  # a device tensor: read only here at log points (one sync each)
         if rank == 0 and ((s + 1) % cfg.run.log_every == 0 or s + 1 == spe):
             loss = to_host(stats[0])
