@@ -27,7 +27,7 @@ test-fast: setup
 
 # The README's MLflow UI screenshots (docs/img/mlflow_*.png), retaken by the browser test.
 screenshots: setup
-	BYOL_UI_SCREENSHOTS=$(CURDIR)/docs/img $(PY) -m pytest -q tests/test_ui.py $(ARGS)
+	BYOL_UI_SCREENSHOTS=$(CURDIR)/docs/img $(PY) -m pytest -q tests/tracking/test_ui.py $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -7,7 +7,7 @@ PyTorch's CPU tensors come from the C library's malloc. glibc serves blocks abov
 at first) with mmap and gives freed memory at the top of the heap back to the OS; the next tensor of that
 size then page-faults on every 4 KiB page it first touches. A training step allocates and frees the same
 large tensors every step (activations, views, gradients), so on a CPU part of every step is the kernel
-zeroing pages. Keeping freed memory in the process removes those faults (tests/test_cpu_runtime.py
+zeroing pages. Keeping freed memory in the process removes those faults (tests/training/test_cpu_runtime.py
 counts them). PyTorch's own CPU tuning guide makes the same point by recommending jemalloc or tcmalloc.
 
 Only glibc is configured; elsewhere (musl, macOS) this does nothing. Memory freed during a run stays

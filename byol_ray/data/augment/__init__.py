@@ -8,7 +8,7 @@ its cost on a GPU is a fixed, small number of kernels.
 
 Both views of `TwoViews` are one batch of 2B images through the same ops (each row with its own view's
 probabilities and strengths), reading the B source images without copying them per view, so a step's
-augmentation is a fixed number of dispatched ops however large the batch (tests/test_augment.py bounds
+augmentation is a fixed number of dispatched ops however large the batch (tests/data/test_augment.py bounds
 it).
 
 At Fashion-MNIST sizes a CPU call is mostly per-op overhead and small matmuls, so the CPU paths avoid the

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import TINY
+from conftest import REPO, TINY
 
 from byol_ray.config import load_config
 from byol_ray.tracking.server import MlflowServer, free_port, healthy, port_in_use
 from byol_ray.tracking.tracker import Tracker, deliver_undelivered, undelivered_path, worker_tracker
 
-REPO = Path(__file__).resolve().parents[1]
 SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "aws-secret-4f9d1c",
     "MLFLOW_TRACKING_PASSWORD": "mlflow-pw-8e2b7a",

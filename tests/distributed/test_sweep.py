@@ -16,13 +16,11 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
-from helpers import write_sweep
+from conftest import REPO, write_sweep
 
 from byol_ray.sweep_spec import SweepError, SweepSpec, Variant, load_sweep, presets
 from byol_ray.tracking.report import ablation_table, to_markdown
 from byol_ray.tracking.sweeps import stopped_on_purpose
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Without a predictor and with tau = 0 (the target is the online network), plain SGD at a high lr
 # collapses within 3 epochs here: measured repr std 0.59, 0.14, 0.055, 0.044 (healthy runs stay ~0.8).

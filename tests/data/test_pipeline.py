@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import folder_cfg
+from conftest import folder_cfg
 from PIL import Image
 
 from byol_ray.config import AugmentConfig

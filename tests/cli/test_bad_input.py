@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cluster_pids, kill_cluster
+from conftest import REPO, cluster_pids, kill_cluster
 
 from byol_ray.config import load_config
 from byol_ray.core.state import TrainState, save_state
 
-REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import FMNIST_ROOT
-from helpers import write_sweep
+from conftest import FMNIST_ROOT, write_sweep
 
 from byol_ray.sweep_spec import load_sweep
 from byol_ray.tracking.server import MlflowServer, experiment_page

@@ -9,7 +9,7 @@ import time
 import mlflow
 import pytest
 import torch
-from helpers import TINY
+from conftest import TINY
 
 from byol_ray.config import load_config
 from byol_ray.core.state import latest_checkpoint, load_state

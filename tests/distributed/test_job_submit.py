@@ -19,14 +19,14 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from helpers import TINY, kill_cluster
+from conftest import REPO, TINY, kill_cluster
 
 from byol_ray.core.state import encoder_from_state, latest_checkpoint, load_state
 from byol_ray.tracking.models import load_model_weights
 from byol_ray.tracking.server import free_port
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[1]
+
 BIN = Path(sys.executable).parent
 
 

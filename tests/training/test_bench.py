@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from helpers import SMALL_MODEL, folder_cfg
+from conftest import SMALL_MODEL, folder_cfg
 from mlflow.tracking import MlflowClient
 
 from byol_ray.cli.bench import main as bench_main

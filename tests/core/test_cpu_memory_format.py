@@ -7,15 +7,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from byol_ray.config import ModelConfig
 from byol_ray.core.model import ResNetEncoder, memory_format, nhwc_unsafe_convs
 
-REPO = Path(__file__).resolve().parents[1]
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 # 30 BYOL steps of the tests' tiny model (width 4, as in the sweep tests that crashed) on one thread, a

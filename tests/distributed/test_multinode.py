@@ -14,12 +14,12 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import TINY, kill_cluster
+from conftest import REPO, TINY, kill_cluster
 
 from byol_ray.tracking.server import free_port
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[1]
+
 BIN = Path(sys.executable).parent
 
 
