@@ -247,9 +247,14 @@ def unread_fields(fields: list[str], files: list[Path]) -> list[str]:
     return [f for f in fields if f.rpartition(".")[2] not in names]
 
 
+# The one module of the config package that uses a key rather than naming or checking it: the GPU recipe
+# applies `on_gpu` (the driver calls it).
+CONFIG_KEY_USERS = {"byol_ray.config.gpu_recipe"}
+
+
 def test_every_config_key_is_read_outside_the_config_package():
-    # The config package names and checks every key (schema, validation): that is no use of it.
-    readers = [f for m, f in MODS.items() if part(m) != "config"]
+    # The rest of the config package names and checks every key (schema, validation): that is no use of it.
+    readers = [f for m, f in MODS.items() if part(m) != "config" or m in CONFIG_KEY_USERS]
     assert unread_fields(config_fields(), readers) == []
 
 

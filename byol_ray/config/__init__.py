@@ -9,6 +9,7 @@ before any Ray or MLflow resource is touched.
 - ``coerce.py``: typed dataclasses from plain dicts (YAML, overrides, a saved config's dict).
 - ``validate.py``: every value check (`validate`).
 - ``load.py``: `Config` (`from_dict`, `replace`), YAML files, `key=value` overrides, the layer order.
+- ``gpu_recipe.py``: the `on_gpu` recipe applied for a run on GPUs (`apply_gpu_recipe`).
 
 What a run uses, layer by layer (each later layer wins):
 
@@ -17,10 +18,11 @@ What a run uses, layer by layer (each later layer wins):
 3. the command-line `section.key=value` overrides (`load_config` -> `parse_override`, ``load.py``); each
    also removes the same key from `on_gpu`, so it wins over the GPU recipe too;
 4. validation (`validate`, ``validate.py``), by `Config.from_dict` at the end of `load_config`;
-5. on GPUs, the config's `on_gpu` recipe (`core.engine.recipe_for`, called by
+5. on GPUs, the config's `on_gpu` recipe (`apply_gpu_recipe`, ``gpu_recipe.py``, called by
    `distributed.driver.run_training`).
 """
 
+from .gpu_recipe import apply_gpu_recipe
 from .load import Config, load_config, load_yaml, parse_override, yaml_problem
 from .schema import (
     AUG_OPS,
@@ -68,6 +70,7 @@ __all__ = [
     "RunConfig",
     "TrackingConfig",
     "ViewConfig",
+    "apply_gpu_recipe",
     "load_config",
     "load_yaml",
     "parse_override",

@@ -243,9 +243,9 @@ class ConfigFields:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     # A recipe for GPUs: `section.key: value` overrides that apply when the run trains on GPUs (run.device
-    # cuda, or auto on a machine or cluster that has them); see `for_device`. Keys given on the command
-    # line win over these. CPUs and GPUs differ ~50x in speed here, so one recipe cannot suit both.
-    # Applied by core.engine.recipe_for.
+    # cuda, or auto on a machine or cluster that has them). Keys given on the command line win over these.
+    # CPUs and GPUs differ ~50x in speed here, so one recipe cannot suit both. Applied by
+    # gpu_recipe.apply_gpu_recipe.
     on_gpu: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
