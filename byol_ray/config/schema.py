@@ -1,8 +1,8 @@
 """The config's schema: every section, key and default a run has, and the names users may type.
 
-The defaults are the paper's recipe (``../shared/byol_recipe.md``) except where a comment marked
-"SMALL-DATA DEPARTURE" says why the Fashion-MNIST / 2-core default differs. The paper-faithful ImageNet
-setting is ``experiments/imagenet_resnet50.yaml``.
+The defaults are the paper's recipe (``docs/paper_recipe.md``) except where a comment marked
+"SMALL-DATA DEPARTURE" says why the Fashion-MNIST / 2-core default differs; ``docs/benchmarks.md`` has the
+figures behind each departure. The paper-faithful ImageNet setting is ``experiments/imagenet_resnet50.yaml``.
 
 `ConfigFields` is the whole config's fields; `Config` (``load.py``) adds its construction from plain data
 (built by ``coerce.py``, checked by ``validate.py``), which is why the two are separate classes: the checks
@@ -91,12 +91,12 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"
-    # SMALL-DATA DEPARTURE: the paper's ResNet uses the ImageNet stem (7x7/2 conv + max-pool) on 224 px.
-    # On 28 px images that leaves a 7x7 map after the stem and barely beats raw pixels; "small_pool"
-    # (3x3/1 conv + max-pool) keeps a 14x14 map at a quarter of the "small" stem's (3x3/1, no pool) cost.
+    # SMALL-DATA DEPARTURE: the paper's ImageNet stem (7x7/2 conv + max-pool, made for 224 px) leaves a 28 px
+    # image a 7x7 map, too coarse to learn from. "small_pool" (3x3/1 conv + max-pool) keeps a 14x14 map, a
+    # quarter of the positions of the "small" stem's (3x3/1, no pool) 28x28. See docs/benchmarks.md.
     stem: str = "small_pool"
-    # SMALL-DATA DEPARTURE: base width 64 is torchvision's ResNet; 32 quarters the FLOPs so a 2-core CPU
-    # sees enough epochs in 15 minutes. 64 is the paper's.
+    # SMALL-DATA DEPARTURE: half the paper's (and torchvision's) base width of 64, a quarter of the FLOPs, so
+    # a 2-core CPU trains enough epochs in a short time budget. See docs/benchmarks.md.
     width: int = 32
     # 0 = the dataset's channel count. 1 or 3 pretrains an encoder of that many input channels on any
     # data (1 -> 3 repeats the grey channel, 3 -> 1 takes the luma), e.g. a 3-channel encoder from
@@ -109,17 +109,17 @@ class ModelConfig:
     predictor_layers: int = 2
     use_predictor: bool = True
     # Each view through the encoder in its own forward pass, so BatchNorm statistics are per view as in
-    # the paper. False concatenates the two views into one batch (BatchNorm then mixes the views); on the
-    # 2-core reference CPU that step was 4-5% slower (README, Speed); gpu_check.sh measures it on a GPU.
+    # the paper. False concatenates the two views into one batch (one forward pass; BatchNorm then mixes the
+    # views).
     separate_view_forward: bool = True
     # What the target's BatchNorm running statistics do: "ema" averages them with the online ones like
     # the weights; "copy" copies them. The target runs in train mode (batch statistics) during
     # pretraining either way, as in the authors' code, so this only matters for using the target later.
     target_bn: str = "ema"
     sync_batchnorm: bool = True  # only applied on GPUs: SyncBatchNorm raises on CPU tensors
-    # NHWC activations: oneDNN's CPU convolutions and cuDNN's tensor-core kernels are both faster on them
-    # (measured 1.4-1.5x for fwd+bwd of the default encoder on this repo's 2-core CPU). Same math in fp32.
-    # On a CPU it applies only where oneDNN is safe (core.model.memory_format): not at resnet18/34 width 4.
+    # NHWC activations: oneDNN's CPU convolutions and cuDNN's tensor-core kernels are both faster on them.
+    # Same math in fp32. On a CPU it applies only where oneDNN is safe (core.model.memory_format): not at
+    # resnet18/34 width 4.
     channels_last: bool = True
 
 
@@ -244,7 +244,7 @@ class ConfigFields:
     debug: DebugConfig = field(default_factory=DebugConfig)
     # A recipe for GPUs: `section.key: value` overrides that apply when the run trains on GPUs (run.device
     # cuda, or auto on a machine or cluster that has them). Keys given on the command line win over these.
-    # CPUs and GPUs differ ~50x in speed here, so one recipe cannot suit both. Applied by
+    # A GPU is so much faster than a small CPU that one recipe cannot suit both. Applied by
     # gpu_recipe.apply_gpu_recipe.
     on_gpu: dict[str, Any] = field(default_factory=dict)
 
