@@ -24,6 +24,7 @@ class Config(ConfigFields):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Config:
+        """The config of a plain mapping of sections (keys left out keep their defaults), typed and validated."""
         cfg = build(cls, d or {}, "")
         validate(cfg)
         return cfg
@@ -60,6 +61,7 @@ def yaml_problem(e: yaml.YAMLError) -> str:
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of sections in a YAML config file, or a ConfigError naming the file and what is wrong."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist; pass a YAML file such as experiments/fmnist.yaml")
@@ -95,6 +97,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def _merge(base: dict[str, Any], new: dict[str, Any], prefix: str) -> None:
+    """`new` (a YAML file's mapping) over `base` in place, section by section; a FREE_FORM mapping whole."""
     for k, v in new.items():
         if k not in base:
             raise ConfigError(f"unknown config key {prefix}{k}; valid keys: {', '.join(sorted(base))}")
