@@ -68,14 +68,6 @@ def resolve_precision(precision: str, device: torch.device, cpu_bf16: bool | Non
     return "bf16" if (cpu_bf16_supported() if cpu_bf16 is None else cpu_bf16) else "fp32"
 
 
-def recipe_for(cfg: Config, device_type: str) -> Config:
-    """The config a run on `device_type` ("cpu" or "cuda") trains with: on GPUs the config's `on_gpu`
-    recipe applied and run.device made explicit; on CPUs the config as it is."""
-    if device_type != "cuda":
-        return cfg
-    return cfg.replace({**cfg.on_gpu, "on_gpu": {}, "run.device": "cuda"})
-
-
 def pick_device(cfg: Config, local_rank: int = 0) -> torch.device:
     if cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():

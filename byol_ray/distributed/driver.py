@@ -17,8 +17,7 @@ from typing import Any
 import ray
 import ray.train
 
-from ..config import Config
-from ..core.engine import recipe_for
+from ..config import Config, apply_gpu_recipe
 from ..tracking.tracker import open_training_run, undelivered_path, worker_tracker
 from ..training.loop import log, pretrain
 from .cluster import reserve_worker_group, training_device, worker_resources
@@ -73,7 +72,7 @@ def run_training(
     MLflow run again on a rerun).
     """
     uri = preflight(cfg)
-    cfg = recipe_for(cfg, training_device(cfg))  # the config's GPU recipe when the workers get GPUs
+    cfg = apply_gpu_recipe(cfg, training_device(cfg))  # the config's GPU recipe when the workers get GPUs
     reserve_worker_group(cfg)
     tracker = open_training_run(cfg, tags, parent_run_id, run_name) if cfg.tracking.enabled else None
     resources = worker_resources(cfg)

@@ -16,6 +16,7 @@ from byol_ray.config import (
     Config,
     ConfigError,
     ViewConfig,
+    apply_gpu_recipe,
     load_config,
     parse_override,
     validate,
@@ -177,6 +178,16 @@ def test_replace_returns_a_new_validated_config():
         cfg.replace({"optim.tau_base": 1.5})
     with pytest.raises(ConfigError, match="optim.nope"):
         cfg.replace({"optim.nope": 1})
+
+
+def test_the_gpu_recipe_applies_on_gpus_only_and_the_command_line_wins_over_it(tmp_path):
+    path = write(tmp_path, "model: {width: 16}\non_gpu: {model.width: 64, optim.batch_size: 512}\n")
+    cfg = load_config(path, ["optim.batch_size=128"])
+    assert cfg.on_gpu == {"model.width": 64}  # the command line's key left the recipe
+    assert apply_gpu_recipe(cfg, "cpu") is cfg
+    gpu = apply_gpu_recipe(cfg, "cuda")
+    assert (gpu.model.width, gpu.optim.batch_size, gpu.run.device, gpu.on_gpu) == (64, 128, "cuda", {})
+    assert (cfg.model.width, cfg.run.device) == (16, "auto")  # original untouched
 
 
 # ---- error paths --------------------------------------------------------------------------------
