@@ -104,6 +104,8 @@ def test_bench_json_has_the_documented_figures_and_logs_to_mlflow(tmp_path, fmni
     assert lp["epochs"] == 2 and lp["steps_per_epoch"] == 1 and lp["images_per_s"] > 0
     assert lp["step_ms"] == pytest.approx(16e3 / lp["images_per_s"], rel=1e-9)
     assert lp["over_step"] == pytest.approx(lp["images_per_s"] / step["images_per_s"], rel=1e-9)
+    assert lp["over_step_mean"] == pytest.approx(lp["images_per_s"] / step["mean_images_per_s"], rel=1e-9)
+    assert step["mean_images_per_s"] > 0
     ph = res["phases_ms"]
     assert set(ph) == {"augmentation", "forward", "backward", "optimizer", "ema", "other"}
     assert all(ph[k] > 0 for k in ph if k != "other")
@@ -267,10 +269,10 @@ def test_the_loop_figure_is_the_loops_own_train_one_epoch(tmp_path, fmnist_root,
 
     monkeypatch.setattr(bench_module, "train_one_epoch", spy)
     b = Bench(fmnist_cfg(fmnist_root, tmp_path), repeats=3, warmup=1, epoch_steps=2)
-    step_s, bare_s, loops = b.step_bare_loop()
+    steps, bares, loops = b.step_bare_loop()
     assert loops == [333.0, 222.0]  # the warm-up epoch's figure is dropped
     assert [(c[0], c[1], c[2], c[3]) for c in calls] == [(b.trainer, b.data, e, 2) for e in range(3)]
     # Real steps of the same replica: the warm-up epoch, 1 warm-up step, then the timed steps and epochs.
     assert [c[4] for c in calls] == [2, 7, 10]
-    assert b.trainer.step == 1 + 3 + 3 * 2 and step_s > 0 and bare_s > 0
+    assert b.trainer.step == 1 + 3 + 3 * 2 and len(steps) == len(bares) == 3
     assert len(loops) == math.ceil(3 / 2)
