@@ -80,7 +80,7 @@ from .loop import (
 from .plan import StepPlan
 
 PER_IMAGE_CAP = 64  # images per repetition of the (slow) per-image pipeline
-EPOCH_STEPS = 10  # steps per timed epoch of the training loop (--epoch-steps)
+EPOCH_STEPS = 5  # steps per timed epoch of the training loop (--epoch-steps)
 
 
 # ---- timing -------------------------------------------------------------------------------------
