@@ -138,7 +138,7 @@ class Bench:
         self.trainer = build_trainer(cfg, self.data)
         self.batch = cfg.optim.batch_size
         self.mean, self.std = self.data.inputs.mean, self.data.inputs.std
-        # A timed loop epoch runs past the data's end no more than a training epoch would.
+        # No longer than a training epoch: past it, the loop's batches would run off the permutation's end.
         self.epoch_steps = max(1, min(epoch_steps, self.trainer.steps_per_epoch))
         self.loop_epochs_run = 0
         # The step's batches: the loop's epochs one after another (`next_batch`).
@@ -150,7 +150,7 @@ class Bench:
             # without waiting on decode; the loop epoch and the input pipeline figure include the loader.
             first = min(2, self.trainer.steps_per_epoch)
             self._fed = list(epoch_batches(cfg, self.data, 0, first, 0, 1))
-            self._fed_at = 0
+            self._fed_at = -1
         # One fixed batch for the passes that must see the same input every time.
         self.images, self.labels = whole(self.next_batch())
         self.views = self.make_views(self.images.to(self.device, non_blocking=True))
