@@ -2,6 +2,9 @@
 
     byol-ray bench --config experiments/fmnist.yaml [section.key=value ...] [--json out.json] [--mlflow]
 
+It sets up as a training worker does and times both one training step and the training loop's own epochs
+(``loop.train_one_epoch``), alternating in one run.
+
 The figures are described in ``training/bench.py``. Neither Ray nor MLflow is imported unless --mlflow.
 """
 
@@ -15,7 +18,7 @@ from typing import Any
 
 from ..config import Config, load_config
 from ..errors import UserError, run_cli
-from ..training.bench import flat_metrics, run_bench, table
+from ..training.bench import EPOCH_STEPS, flat_metrics, run_bench, table
 
 
 def log_to_mlflow(cfg: Config, res: dict[str, Any], json_path: Path | None) -> str:
@@ -46,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20, help="timed repetitions per figure (median)")
     p.add_argument("--warmup", type=int, default=5, help="untimed repetitions before each figure")
     p.add_argument(
+        "--epoch-steps",
+        type=int,
+        default=EPOCH_STEPS,
+        metavar="N",
+        help="steps per timed epoch of the training loop (one after every N repetitions; longer epochs spread "
+        "the loop's per-epoch work thinner, as training's full epochs do)",
+    )
+    p.add_argument(
         "--synthetic",
         type=int,
         default=0,
@@ -61,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def go() -> int:
-        if args.repeats < 1 or args.warmup < 0 or args.synthetic < 0:
-            raise UserError("--repeats must be >= 1, --warmup and --synthetic >= 0")
+        if args.repeats < 1 or args.epoch_steps < 1 or args.warmup < 0 or args.synthetic < 0:
+            raise UserError("--repeats and --epoch-steps must be >= 1, --warmup and --synthetic >= 0")
         cfg = load_config(args.config, args.overrides)
-        res = run_bench(cfg, args.repeats, args.warmup, args.synthetic)
+        res = run_bench(cfg, args.repeats, args.warmup, args.synthetic, args.epoch_steps)
         print(table(res), flush=True)
         json_path = None
         if args.json:

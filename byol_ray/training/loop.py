@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -108,16 +108,45 @@ def load_train_data(cfg: Config, device: torch.device) -> TrainData:
         stream = FolderStream(cfg, "train", device)
         spec = InputSpec(stream.channels, len(stream.classes), stream.mean, stream.std)
         return TrainData(cfg, stream, spec, device, stream=stream)
-    train = adapt_channels(cfg, load_split(cfg.data, "train"))
+    return in_memory_train_data(cfg, load_split(cfg.data, "train"), device)
+
+
+def in_memory_train_data(cfg: Config, split: ImageData, device: torch.device) -> TrainData:
+    """A train split held in memory, placed where the epochs cut their batches from it. The benchmark's
+    synthetic images come through here too, so it times the placement training chooses."""
+    train = adapt_channels(cfg, split)
     mean, std = channel_stats(train.images)
     images, labels = train.images, train.labels
     # The permutation is drawn each epoch from the whole train split; keep it in memory as one tensor
     # (on the GPU when it fits easily: batches are then cut there, with no host copy per step).
-    if device.type == "cuda" and images.numel() <= torch.cuda.get_device_properties(device).total_memory // 8:
+    if keeps_on_device(images, device):
         images, labels = images.to(device), labels.to(device)
     return TrainData(
         cfg, train, InputSpec(train.channels, len(train.classes), mean, std), device, images=images, labels=labels
     )
+
+
+def keeps_on_device(images: torch.Tensor, device: torch.device) -> bool:
+    """Whether the in-memory split goes to the device: a GPU, when it takes at most 1/8 of its memory."""
+    return device.type == "cuda" and images.numel() <= torch.cuda.get_device_properties(device).total_memory // 8
+
+
+def training_device(cfg: Config, local_rank: int = 0) -> torch.device:
+    """The device this worker trains on; on a CPU, the process set up to train (threads, allocator)."""
+    device = pick_device(cfg, local_rank)
+    if device.type == "cpu":
+        configure_cpu(cfg)
+    return device
+
+
+def build_trainer(cfg: Config, data: TrainData, rank: int = 0, world: int = 1) -> Pretrainer:
+    """The replica that trains on `data`: one epoch is a full pass over it (or optim.steps_per_epoch), and
+    streamed batches arrive already cropped, so its views skip the crop."""
+    spe = steps_per_epoch(cfg, len(data))
+    trainer = Pretrainer(cfg, data.inputs, steps_per_epoch=spe, device=data.device, rank=rank, world_size=world)
+    if data.stream is not None:
+        trainer.views = data.stream.device_views(trainer.views)
+    return trainer
 
 
 def steps_per_epoch(cfg: Config, n_images: int) -> int:
@@ -156,6 +185,18 @@ def worker_batches(cfg: Config, perm: torch.Tensor, step: int, rank: int, world:
     return list(mine.chunk(cfg.optim.accumulate_steps))
 
 
+def epoch_batches(
+    cfg: Config, data: TrainData, epoch: int, steps: int, rank: int, world: int
+) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """This worker's micro-batches for each of the epoch's first `steps` optimiser steps, in order: cut from
+    the in-memory split as each step asks for them, or streamed. The permutation is drawn now."""
+    perm = epoch_order(cfg, data, epoch)
+    batches = [worker_batches(cfg, perm, s, rank, world) for s in range(steps)]
+    if data.stream is not None:
+        return data.stream.micro_batches(epoch, batches)
+    return (data.in_memory_batch(b) for b in batches)
+
+
 # ---- the loop -----------------------------------------------------------------------------------
 def pretrain(
     cfg: Config, session: Session, tracker: Tracker | None = None, run_id: str = "", plan: StepPlan | None = None
@@ -166,15 +207,10 @@ def pretrain(
     of its own; a resumed run always keeps the plan of its checkpoint."""
     t_start = time.perf_counter()  # a time budget counts from here
     rank, world = session.rank, session.world_size
-    device = pick_device(cfg, session.local_rank)
-    if device.type == "cpu":
-        configure_cpu(cfg)
-
+    device = training_device(cfg, session.local_rank)
     data = load_train_data(cfg, device)
-    spe = steps_per_epoch(cfg, len(data))
-    trainer = Pretrainer(cfg, data.inputs, steps_per_epoch=spe, device=device, rank=rank, world_size=world)
-    if data.stream is not None:
-        trainer.views = data.stream.device_views(trainer.views)
+    trainer = build_trainer(cfg, data, rank, world)
+    spe = trainer.steps_per_epoch
 
     if rank == 0:
         log(
@@ -273,27 +309,39 @@ def make_plan(cfg: Config, trainer: Pretrainer, data: TrainData, rank: int, worl
 
     trainer.start_epoch(0)
     step_s = measure_step_seconds(trainer, batch)
-    embed_s = 0.0
-    if rank == 0 and data.stream is None and (cfg.eval.final or cfg.eval.knn_every):
-        n = min(len(data), 4 * cfg.eval.batch_size)
-        sample = data.split.images[:n]
-        per_image = measure_embed_seconds(
-            lambda: extract_features(
-                trainer.encoder,
-                sample,
-                cfg.data.image_size,
-                data.inputs.mean,
-                data.inputs.std,
-                cfg.eval.batch_size,
-                data.device,
-            ),
-            n,
-            data.device,
-        )
-        embed_s = per_image * (len(data) + len(data.test_split()))
+    embed_s = embed_seconds(cfg, trainer, data) if rank == 0 else 0.0
     step_s, embed_s, elapsed = agree([step_s, embed_s, time.perf_counter() - t_start], data.device)
+    return plan_for(cfg, spe, step_s, embed_s, elapsed)
+
+
+def embed_seconds(cfg: Config, trainer: Pretrainer, data: TrainData) -> float:
+    """Seconds one encoder will take to embed the train and test splits at the end of the run (kNN monitors
+    embed the same), timed on a sample; 0 when the run has no evaluation or streams its data."""
+    if data.stream is not None or not (cfg.eval.final or cfg.eval.knn_every):
+        return 0.0
+    n = min(len(data), 4 * cfg.eval.batch_size)
+    sample = data.split.images[:n]
+    per_image = measure_embed_seconds(
+        lambda: extract_features(
+            trainer.encoder,
+            sample,
+            cfg.data.image_size,
+            data.inputs.mean,
+            data.inputs.std,
+            cfg.eval.batch_size,
+            data.device,
+        ),
+        n,
+        data.device,
+    )
+    return per_image * (len(data) + len(data.test_split()))
+
+
+def plan_for(cfg: Config, spe: int, step_s: float, embed_s: float, elapsed_s: float) -> StepPlan:
+    """The budget's plan at these measured costs, keeping back the evaluation (two encoders with the
+    baselines) and the kNN monitors."""
     encoders = 2 if cfg.eval.baselines else 1
-    return budget_steps(cfg, spe, step_s, EVAL_OVERHEAD * encoders * embed_s, EVAL_OVERHEAD * embed_s, elapsed)
+    return budget_steps(cfg, spe, step_s, EVAL_OVERHEAD * encoders * embed_s, EVAL_OVERHEAD * embed_s, elapsed_s)
 
 
 def train_one_epoch(
@@ -305,15 +353,12 @@ def train_one_epoch(
     trainer.take_stats()  # the sums start at this epoch
     spe = plan.steps_in_epoch(epoch)
     t0 = time.perf_counter()
-    perm = epoch_order(cfg, data, epoch)
-    batches = [worker_batches(cfg, perm, s, rank, world) for s in range(spe)]
-    streamed = data.stream.micro_batches(epoch, batches) if data.stream is not None else None
+    steps = epoch_batches(cfg, data, epoch, spe, rank, world)
     for s in range(spe):
         _maybe_crash(cfg, rank, trainer.step)
         if cfg.debug.step_delay_s:
             time.sleep(cfg.debug.step_delay_s)
-        micro = next(streamed) if streamed is not None else data.in_memory_batch(batches[s])
-        stats = trainer.train_step(micro)  # a device tensor: read only here at log points (one sync each)
+        stats = trainer.train_step(next(steps))  # a device tensor: read only here at log points (one sync each)
         if rank == 0 and ((s + 1) % cfg.run.log_every == 0 or s + 1 == spe):
             loss = to_host(stats[0])
             rate = (s + 1) * cfg.optim.batch_size / (time.perf_counter() - t0)
