@@ -28,6 +28,7 @@ AUG_OPS = ("crop", "flip", "jitter", "grayscale", "blur", "solarize")
 BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "small", "small_pool")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder")
+LOADERS = ("dataloader", "ray_data")
 OPTIMIZERS = ("lars", "sgd", "adamw")
 TAU_SCHEDULES = ("cosine", "constant")
 TARGET_BN_MODES = ("ema", "copy")
@@ -86,6 +87,10 @@ class DataConfig:
     # into memory first; for datasets that do not fit in memory (ImageNet).
     stream: bool = False
     prefetch_batches: int = 4  # batches each DataLoader worker decodes ahead (data.stream)
+    # Who decodes and crops a streamed folder: "dataloader" (torch DataLoader processes beside each
+    # training worker) or "ray_data" (Ray Data tasks on any node of the cluster, CPU-only ones included;
+    # needs Ray Train, see distributed/ingest.py).
+    loader: str = "dataloader"
 
 
 @dataclass
