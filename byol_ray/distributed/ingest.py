@@ -74,8 +74,8 @@ def start_epoch(cfg: Config) -> int:
 
 
 def train_dataset(config: dict[str, Any]) -> ray.data.Dataset:
-    """Every epoch still to train, as a lazy Ray Dataset of {"views": uint8 [2, 3, S, S], "label",
-    "epoch"} rows (ray.train calls this at each worker-group start)."""
+    """Every epoch still to train, as a lazy Ray Dataset of {"views": uint8 [2, 3, S, S], "label", "epoch",
+    "index"} rows (Ray Train calls this at each worker-group start)."""
     cfg = Config.from_dict(config)
     files, _ = folder_files(cfg.data, "train")
     n = len(files)

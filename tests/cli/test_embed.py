@@ -33,7 +33,7 @@ def test_embeddings_of_the_fmnist_test_split_equal_the_evaluators_features(tmp_p
 
     table = pq.read_table(out)
     assert table.column_names == ["id", "label", "embedding"]
-    test = load_split(cfg.data.__class__(**{**cfg.data.__dict__, "train_subset": 0}), "test")
+    test = load_split(cfg.data, "test")
     mean, std = channel_stats(load_split(cfg.data, "train").images)
     want = extract_features(encoder_from_state(load_state(ckpt)), test.images, 28, mean, std).numpy()
     ids = np.asarray(table.column("id").to_pylist())

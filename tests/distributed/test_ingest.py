@@ -111,8 +111,10 @@ def test_training_from_the_ray_data_stream_and_its_resume_epoch(ray_local, image
 
 
 def test_ray_data_capacity_and_in_process_use_fail_with_one_paragraph(ray_local, image_folder, tmp_path):
-    cfg = folder_cfg(image_folder, tmp_path, "data.loader=ray_data", "run.num_workers=3", "optim.batch_size=12")
+    # The runtime has 3 CPUs: 2 one-CPU workers leave one for the decode tasks, 3 leave none.
+    cfg = folder_cfg(image_folder, tmp_path, "data.loader=ray_data", "run.cpus_per_worker=1", "optim.batch_size=12")
+    ingest.check_ingest_capacity(cfg.replace({"run.num_workers": 2}))
     with pytest.raises(ingest.IngestResourceError, match="at least one CPU beside"):
-        ingest.check_ingest_capacity(cfg)
+        ingest.check_ingest_capacity(cfg.replace({"run.num_workers": 3}))
     with pytest.raises(UserError, match="data.loader=dataloader here"):
         pretrain(folder_cfg(image_folder, tmp_path, "data.loader=ray_data"), LocalSession(tmp_path / "ck"))
