@@ -114,8 +114,14 @@ def run_embed(
     started = connect(address)
     try:
         cpus = ray.cluster_resources().get("CPU", 0.0)
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        if 1 <= gpus < concurrency:  # each actor holds a whole GPU: the rest would wait for ever
+            raise ResourceError(
+                f"--concurrency {concurrency} asks for {concurrency} embedding actors of one GPU each, but the Ray "
+                f"cluster has {gpus:g} GPUs. Lower --concurrency to at most {int(gpus)}."
+            )
         # On CPUs each actor holds one CPU and the read tasks need one more, or they would wait for ever.
-        if ray.cluster_resources().get("GPU", 0.0) < 1 and cpus < concurrency + 1:
+        if gpus < 1 and cpus < concurrency + 1:
             raise ResourceError(
                 f"--concurrency {concurrency} asks for {concurrency} embedding actor(s) of one CPU each and the "
                 f"reading needs one more, but the Ray cluster has {cpus:g} CPUs. Lower --concurrency or add nodes."
