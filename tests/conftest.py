@@ -188,3 +188,16 @@ def tiny_model_cfg(**kw) -> ModelConfig:
     base = dict(width=8, projector_hidden=32, projector_out=16, predictor_hidden=24)
     base.update(kw)
     return ModelConfig(**base)
+
+
+def write_checkpoint(cfg: Config, directory: Path, channels: int = 1) -> Path:
+    """A real checkpoint (`state.pt`) of a freshly initialised replica of `cfg`, as training writes one."""
+    from byol_ray.core.engine import InputSpec, Pretrainer
+    from byol_ray.core.state import TrainState, save_state
+
+    torch.manual_seed(cfg.run.seed)
+    trainer = Pretrainer(cfg, InputSpec(channels, 10, [0.5] * channels, [0.25] * channels), steps_per_epoch=1,
+                         device=torch.device("cpu"))  # fmt: skip
+    state = TrainState(trainer.state_dict(), 1, channels, cfg.to_dict(), torch.get_rng_state())
+    save_state(directory, state)
+    return directory

@@ -4,6 +4,7 @@
     byol-ray sweep tau            # a Ray Tune ablation sweep (experiments/sweeps/tau.yaml)
     byol-ray report tau           # the sweep's ablation table, next to the paper's numbers
     byol-ray eval linear|semi|transfer --encoder <checkpoint dir or MLflow model URI>
+    byol-ray embed --encoder <checkpoint dir or MLflow model URI> --data <config or folder> --output e.parquet
     byol-ray bench                # throughput figures
     byol-ray mlflow-server        # a local MLflow tracking server (127.0.0.1)
 
@@ -21,6 +22,7 @@ COMMANDS = {
     "sweep": ("byol_ray.cli.sweep", "a Ray Tune ablation sweep, one Ray Train run per trial"),
     "report": ("byol_ray.cli.report", "a sweep's ablation table and plot from MLflow"),
     "eval": ("byol_ray.cli.eval", "linear / semi-supervised / transfer evaluation of an encoder"),
+    "embed": ("byol_ray.cli.embed", "an encoder's embeddings of a dataset or folder, to Parquet (Ray Data)"),
     "bench": ("byol_ray.cli.bench", "throughput benchmark"),
     "mlflow-server": ("byol_ray.cli.mlflow_server", "start a local MLflow tracking server"),
 }

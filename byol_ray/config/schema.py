@@ -28,6 +28,7 @@ AUG_OPS = ("crop", "flip", "jitter", "grayscale", "blur", "solarize")
 BACKBONES = ("resnet10", "resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "small", "small_pool")
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "stl10", "folder")
+LOADERS = ("dataloader", "ray_data")
 OPTIMIZERS = ("lars", "sgd", "adamw")
 TAU_SCHEDULES = ("cosine", "constant")
 TARGET_BN_MODES = ("ema", "copy")
@@ -81,11 +82,17 @@ class DataConfig:
     image_size: int = 28  # side of the views fed to the encoder
     train_subset: int = 0  # 0 = the whole train split; N = the first N images (tests, quick runs)
     test_subset: int = 0
-    num_workers: int = 0  # DataLoader decode workers, only for datasets streamed from files (folder)
+    # DataLoader decode workers, only for datasets streamed from files (folder); with data.loader=ray_data,
+    # the most Ray Data decode tasks at once (0 = as many as the cluster's free CPUs).
+    num_workers: int = 0
     # folder only: stream the train split from its files (byol_ray.pipeline) instead of decoding it all
     # into memory first; for datasets that do not fit in memory (ImageNet).
     stream: bool = False
-    prefetch_batches: int = 4  # batches each DataLoader worker decodes ahead (data.stream)
+    prefetch_batches: int = 4  # batches each DataLoader worker (or each worker's Ray Data shard) prepares ahead
+    # Who decodes and crops a streamed folder: "dataloader" (torch DataLoader processes beside each
+    # training worker) or "ray_data" (Ray Data tasks on any node of the cluster, CPU-only ones included;
+    # needs Ray Train, see distributed/ingest.py).
+    loader: str = "dataloader"
 
 
 @dataclass

@@ -13,6 +13,7 @@ from .schema import (
     COMPILE_MODES,
     CRASH_KINDS,
     DATASETS,
+    LOADERS,
     OPTIMIZERS,
     PRECISIONS,
     STEMS,
@@ -75,6 +76,12 @@ def _validate_fields(cfg: ConfigFields) -> None:
         f"only data.dataset=folder is streamed from files; {d.dataset} is read into memory (set data.stream=false)",
     )
     _check(d.prefetch_batches >= 1, "data.prefetch_batches", "must be >= 1")
+    _choice(d.loader, LOADERS, "data.loader")
+    _check(
+        d.loader == "dataloader" or d.stream,
+        "data.loader",
+        "ray_data feeds a streamed folder: set data.dataset=folder and data.stream=true with data.loader=ray_data",
+    )
     _check(
         not d.stream or (not cfg.eval.final and cfg.eval.knn_every == 0),
         "data.stream",

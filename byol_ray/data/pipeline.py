@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import AugmentConfig, Config
+from ..config import AugmentConfig, Config, ViewConfig
 from ..seeding import epoch_seed
 from .augment import TwoViews, sample_crop_boxes
 from .readers import DataError, channel_stats, data_error, decode_image, folder_files
@@ -59,27 +59,46 @@ class FolderImages(torch.utils.data.Dataset):
         return torch.from_numpy(self.crops(epoch, i)), self.labels[i]
 
     def crops(self, epoch: int, i: int) -> np.ndarray:
-        path = self.paths[i]
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, 0, epoch, f"crop/{i}"))
-        S = self.size
-        out = np.empty((2, 3, S, S), dtype=np.uint8)
-        try:
-            with Image.open(path) as f:
-                im = f.convert("RGB")
-                W, H = im.size
-                for v, view in enumerate(self.views):
-                    if self.crop:
-                        top, left, h, w = sample_crop_boxes(
-                            1, (H, W), view.crop_scale, view.crop_ratio, g, torch.device("cpu")
-                        )["crop_box"][0].tolist()
-                        box = (left, top, left + w, top + h)
-                    else:
-                        box = (0, 0, W, H)
-                    crop = im.resize((S, S), Image.Resampling.BICUBIC, box=box)
-                    out[v] = np.asarray(crop, dtype=np.uint8).transpose(2, 0, 1)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise data_error(path, f"cannot be decoded as an image ({e})", "delete or replace this file") from None
-        return out
+        return crop_views(self.paths[i], self.size, self.views, self.crop, self.seed, epoch, i)
+
+
+def crop_views(
+    path: str, size: int, views: Sequence[ViewConfig], crop: bool, seed: int, epoch: int, index: int
+) -> np.ndarray:
+    """Both views' random-resized crops of one image file: uint8 [2, 3, size, size].
+
+    The boxes come from a generator seeded by (seed, epoch, index) alone, so whoever calls this (a
+    DataLoader worker, a Ray Data task on another node) cuts the same pixels for the same image and epoch.
+    """
+    g = torch.Generator().manual_seed(epoch_seed(seed, 0, epoch, f"crop/{index}"))
+    S = size
+    out = np.empty((2, 3, S, S), dtype=np.uint8)
+    try:
+        with Image.open(path) as f:
+            im = f.convert("RGB")
+            W, H = im.size
+            for v, view in enumerate(views):
+                if crop:
+                    top, left, h, w = sample_crop_boxes(
+                        1, (H, W), view.crop_scale, view.crop_ratio, g, torch.device("cpu")
+                    )["crop_box"][0].tolist()
+                    box = (left, top, left + w, top + h)
+                else:
+                    box = (0, 0, W, H)
+                resized = im.resize((S, S), Image.Resampling.BICUBIC, box=box)
+                out[v] = np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise data_error(path, f"cannot be decoded as an image ({e})", "delete or replace this file") from None
+    return out
+
+
+def estimate_stats(paths: Sequence[str], size: int, threads: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Channel mean/std from up to STATS_SAMPLE evenly spaced images (centre-decoded, as evaluated)."""
+    n = len(paths)
+    idx = np.linspace(0, n - 1, min(n, STATS_SAMPLE)).round().astype(int)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        imgs = list(pool.map(lambda i: decode_image(paths[i], size), idx))
+    return channel_stats(torch.from_numpy(np.stack(imgs)))
 
 
 class _Plan(torch.utils.data.Sampler):
@@ -125,13 +144,7 @@ class FolderStream:
         return len(self.dataset)
 
     def _estimate_stats(self):
-        """Channel mean/std from up to STATS_SAMPLE evenly spaced images (centre-decoded, as evaluated)."""
-        n = len(self.dataset)
-        idx = np.linspace(0, n - 1, min(n, STATS_SAMPLE)).round().astype(int)
-        size = self.cfg.data.image_size
-        with ThreadPoolExecutor(max_workers=max(1, self.cfg.data.num_workers)) as pool:
-            imgs = list(pool.map(lambda i: decode_image(self.dataset.paths[i], size), idx))
-        return channel_stats(torch.from_numpy(np.stack(imgs)))
+        return estimate_stats(self.dataset.paths, self.cfg.data.image_size, self.cfg.data.num_workers)
 
     def device_views(self, views: TwoViews) -> PrecroppedTwoViews:
         """The trainer's view maker for these batches (same config, crop already done in the workers)."""

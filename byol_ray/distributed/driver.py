@@ -10,6 +10,7 @@ the same MLflow run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -20,6 +21,7 @@ import ray.train
 from ..config import Config, apply_gpu_recipe
 from ..tracking.tracker import open_training_run, undelivered_path, worker_tracker
 from ..training.loop import log, pretrain
+from . import ingest
 from .cluster import reserve_worker_group, training_device, worker_resources
 from .failures import ByolTrainer, quiet_user_errors, user_error_in
 from .preflight import preflight, storage_path
@@ -43,7 +45,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else contextlib.nullcontext()
     )
     with writer as tracker:
-        pretrain(cfg, session, tracker, run_id)
+        pretrain(cfg, session, tracker, run_id, stream_factory=ingest.stream_factory)
 
 
 def quiet_ray_train_reports() -> None:
@@ -74,6 +76,9 @@ def run_training(
     uri = preflight(cfg)
     cfg = apply_gpu_recipe(cfg, training_device(cfg))  # the config's GPU recipe when the workers get GPUs
     reserve_worker_group(cfg)
+    ray_data = cfg.data.stream and cfg.data.loader == "ray_data"
+    if ray_data:
+        ingest.check_ingest_capacity(cfg)
     tracker = open_training_run(cfg, tags, parent_run_id, run_name) if cfg.tracking.enabled else None
     resources = worker_resources(cfg)
     trainer = ByolTrainer(
@@ -84,6 +89,8 @@ def run_training(
             "tracking_uri": uri,
             "undelivered_path": str(undelivered_path(cfg)),
         },
+        # A factory: Ray Train calls it at every worker-group start, so a restart streams from its epoch.
+        datasets={ingest.DATASET: functools.partial(ingest.train_dataset, cfg.to_dict())} if ray_data else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu="GPU" in resources, resources_per_worker=resources
         ),

@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import torch
-
 from ..config import Config
 from ..core.state import encoder_from_state, load_state
+from ..eval.embedding import example_images, serving_model
 from ..eval.scoring import EvalRow, rows_to_markdown, write_table
 from ..tracking.client import delivery_errors
 from ..tracking.tracker import Tracker, deliver_undelivered, undelivered_path
@@ -65,11 +64,13 @@ def finish_run(cfg: Config, tracker: Tracker | None, result, wall: float) -> dic
 
 
 def log_encoder(cfg: Config, tracker: Tracker, checkpoint) -> str:
-    """Rebuild the online encoder from the final checkpoint and log it as an MLflow PyTorch model."""
+    """Rebuild the online encoder from the final checkpoint and log it as an MLflow PyTorch model that
+    serves embeddings: uint8 images in (its signature and input example say which), the evaluator's
+    features out."""
     with checkpoint.as_directory() as d:
         state = load_state(d)
-    encoder = encoder_from_state(state)
-    example = torch.zeros(2, state.in_channels, cfg.data.image_size, cfg.data.image_size).numpy()
-    uri = tracker.log_model(encoder, "encoder", input_example=example)
+    model = serving_model(cfg, encoder_from_state(state))
+    example = example_images(cfg, state.in_channels)
+    uri = tracker.log_model(model, "encoder", input_example=example)
     print(f"[driver] encoder logged to MLflow as {uri}", flush=True)
     return uri

@@ -41,8 +41,17 @@ def model_source(model_uri: str, tracking_uri: str) -> tuple[str, dict[str, Any]
 
 
 def load_model_weights(model_uri: str, tracking_uri: str) -> dict:
-    """The state dict of a logged encoder (a torch.export pt2 graph, loaded without pickle)."""
+    """The bare encoder's state dict of a logged encoder (a torch.export pt2 graph, loaded without pickle)."""
     import mlflow.pytorch
 
     with tracking_uri_scope(tracking_uri):  # load_model has no tracking_uri argument
-        return mlflow.pytorch.load_model(model_uri).state_dict()
+        return encoder_weights(mlflow.pytorch.load_model(model_uri).state_dict())
+
+
+def encoder_weights(state_dict: dict) -> dict:
+    """The encoder's weights from a served model's state dict (the encoder under `encoder.`, with the
+    evaluation transform in front), or from a bare encoder's, as models logged before serving were."""
+    prefix = "encoder."
+    if any(k.startswith(prefix) for k in state_dict):
+        return {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    return state_dict

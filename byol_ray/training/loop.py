@@ -101,11 +101,23 @@ def adapt_channels(cfg: Config, data: ImageData) -> ImageData:
     return adapt(data, cfg.model.in_channels, data.images.shape[-1])[0]
 
 
-def load_train_data(cfg: Config, device: torch.device) -> TrainData:
+# Makes the streamed split when another runtime feeds it (Ray Data, distributed/ingest.py).
+StreamFactory = Callable[[Config, torch.device], Any]
+
+
+def load_train_data(cfg: Config, device: torch.device, stream_factory: StreamFactory | None = None) -> TrainData:
     if cfg.data.stream:  # too big for memory: decode and crop in DataLoader workers (data/pipeline.py)
         from ..data.pipeline import FolderStream
 
-        stream = FolderStream(cfg, "train", device)
+        if cfg.data.loader == "ray_data":
+            if stream_factory is None:
+                raise UserError(
+                    "data.loader=ray_data is fed by Ray Data inside Ray Train workers; this run has none (it "
+                    "runs in-process). Use data.loader=dataloader here, or train with `byol-ray train`."
+                )
+            stream = stream_factory(cfg, device)
+        else:
+            stream = FolderStream(cfg, "train", device)
         spec = InputSpec(stream.channels, len(stream.classes), stream.mean, stream.std)
         return TrainData(cfg, stream, spec, device, stream=stream)
     return in_memory_train_data(cfg, load_split(cfg.data, "train"), device)
@@ -165,7 +177,11 @@ def steps_per_epoch(cfg: Config, n_images: int) -> int:
 
 def epoch_permutation(cfg: Config, n_images: int, epoch: int) -> torch.Tensor:
     """Depends only on (seed, epoch): the same on every worker and after a resume."""
-    g = torch.Generator().manual_seed(epoch_seed(cfg.run.seed, 0, epoch, "shuffle"))
+    return seeded_permutation(cfg.run.seed, n_images, epoch)
+
+
+def seeded_permutation(seed: int, n_images: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(epoch_seed(seed, 0, epoch, "shuffle"))
     return torch.randperm(n_images, generator=g)
 
 
@@ -199,16 +215,22 @@ def epoch_batches(
 
 # ---- the loop -----------------------------------------------------------------------------------
 def pretrain(
-    cfg: Config, session: Session, tracker: Tracker | None = None, run_id: str = "", plan: StepPlan | None = None
+    cfg: Config,
+    session: Session,
+    tracker: Tracker | None = None,
+    run_id: str = "",
+    plan: StepPlan | None = None,
+    stream_factory: StreamFactory | None = None,
 ) -> dict[str, Any]:
     """Train, report every epoch, evaluate at the end. Returns the final metrics (and eval rows on rank 0).
 
     `plan` makes a fresh run follow a plan made elsewhere (another run's, to repeat its schedule) instead
-    of its own; a resumed run always keeps the plan of its checkpoint."""
+    of its own; a resumed run always keeps the plan of its checkpoint. `stream_factory` feeds a streamed
+    folder from outside the process (``data.loader=ray_data``)."""
     t_start = time.perf_counter()  # a time budget counts from here
     rank, world = session.rank, session.world_size
     device = training_device(cfg, session.local_rank)
-    data = load_train_data(cfg, device)
+    data = load_train_data(cfg, device, stream_factory)
     trainer = build_trainer(cfg, data, rank, world)
     spe = trainer.steps_per_epoch
 

@@ -304,6 +304,8 @@ def test_config_error_is_a_value_error():
             ["data.dataset=folder", "data.stream=true", "eval.final=false", "model.in_channels=1"],
             "model.in_channels",
         ),  # streamed folders are RGB
+        (["data.loader=ray_data"], "data.loader"),  # Ray Data feeds streamed folders only
+        (["data.loader=torch"], "data.loader"),
         (["run.compile=true", "run.compile_mode=everything"], "run.compile_mode"),
         (["run.compile=true", "run.compile_mode=graph", "run.device=cpu"], "run.compile_mode"),  # CUDA graphs
         (

@@ -73,10 +73,15 @@ def test_two_workers_stay_in_sync_and_log_to_mlflow(ray_local, tmp_path):
     state = final_state(out)
     online = OnlineNetwork(cfg.model, 1)
     online.load_state_dict(state.trainer["online"])
-    x = torch.randn(4, 1, 28, 28)
+    # It serves embeddings: uint8 images in, the encoder's features under the evaluation transform out.
+    from byol_ray.eval.embedding import input_stats
+    from byol_ray.eval.scoring import extract_features
+
+    x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
     loaded = mlflow.pytorch.load_model(out["model_uri"])  # saved as torch.export's pt2 (no pickle)
     with torch.no_grad():
-        assert torch.equal(loaded(x), online.encoder.eval()(x))
+        want = extract_features(online.encoder.eval(), x, 28, *input_stats(cfg))
+        assert torch.allclose(loaded(x), want, atol=1e-5, rtol=0)
     # Online and target weights are equal on both ranks; the target differs from the online network.
     assert not torch.equal(
         state.trainer["online"]["branch.encoder.conv1.weight"], state.trainer["target"]["encoder.conv1.weight"]
