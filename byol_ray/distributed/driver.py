@@ -20,7 +20,7 @@ import ray.train
 from ..config import Config, apply_gpu_recipe
 from ..tracking.tracker import open_training_run, undelivered_path, worker_tracker
 from ..training.loop import log, pretrain
-from .cluster import reserve_worker_group, training_device, worker_resources
+from .cluster import reserve_worker_group, training_device, verbose_ray, worker_resources
 from .failures import ByolTrainer, quiet_user_errors, user_error_in
 from .preflight import preflight, storage_path
 from .results import finish_run
@@ -32,7 +32,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     writer for per-epoch metrics (its spool keeps what an unreachable server could not take; the driver
     delivers it at the end) and the system metrics of its machine."""
     cfg = Config.from_dict(loop_config["config"])
-    quiet_ray_train_reports()
+    if not loop_config.get("verbose"):
+        quiet_ray_train_reports()
     quiet_user_errors()
     session = RaySession()
     log(f"[worker] rank {session.rank} of {session.world_size} on node {ray.get_runtime_context().get_node_id()}")
@@ -47,14 +48,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def quiet_ray_train_reports() -> None:
-    """Ray Train logs every report (the whole metrics dict) and checkpoint at INFO in each worker; the loop
-    prints its own one-line progress, so keep Ray's to warnings. Internal logger names: best effort."""
+    """Ray Train logs every report (the whole metrics dict, over a thousand characters) and checkpoint at
+    INFO in each worker; the loop prints its own one-line progress, so keep Ray's to warnings, and MLflow's
+    system-metrics sampler to warnings too. Ray's internal logger names (`context` names its logger by file
+    path, not module): best effort."""
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     try:
         from ray.train.v2._internal.execution import context, storage
     except ImportError:
         return
     for module in (context, storage):
-        logging.getLogger(module.__name__).setLevel(logging.WARNING)
+        for name in (module.__name__, module.__file__):
+            if name:
+                logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_training(
@@ -83,6 +89,7 @@ def run_training(
             "mlflow_run_id": tracker.run_id if tracker else "",
             "tracking_uri": uri,
             "undelivered_path": str(undelivered_path(cfg)),
+            "verbose": verbose_ray(),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu="GPU" in resources, resources_per_worker=resources
