@@ -18,11 +18,12 @@ import ray
 import ray.train
 
 from ..config import Config, apply_gpu_recipe
-from ..tracking.tracker import open_training_run, undelivered_path, worker_tracker
+from ..tracking.tracker import Tracker, open_training_run, undelivered_path, worker_tracker
 from ..training.loop import log, pretrain
 from .cluster import reserve_worker_group, training_device, verbose_ray, worker_resources
 from .failures import ByolTrainer, quiet_user_errors, user_error_in
-from .preflight import preflight, storage_path
+from .ownership import claim_run
+from .preflight import preflight, preflight_run, storage_path
 from .results import finish_run
 from .session import RaySession
 
@@ -78,9 +79,18 @@ def run_training(
     MLflow run again on a rerun).
     """
     uri = preflight(cfg)
-    cfg = apply_gpu_recipe(cfg, training_device(cfg))  # the config's GPU recipe when the workers get GPUs
-    reserve_worker_group(cfg)
-    tracker = open_training_run(cfg, tags, parent_run_id, run_name) if cfg.tracking.enabled else None
+    with claim_run(cfg, uri) as claim:  # one live driver per run.name; refused here while another lives
+        preflight_run(cfg, uri)
+        cfg = apply_gpu_recipe(cfg, training_device(cfg))  # the config's GPU recipe when the workers get GPUs
+        reserve_worker_group(cfg)
+        tracker = open_training_run(cfg, tags, parent_run_id, run_name) if cfg.tracking.enabled else None
+        if tracker:
+            claim.opened(tracker.run_id, tracker)
+        return _fit(cfg, uri, tracker, callbacks)
+
+
+def _fit(cfg: Config, uri: str, tracker: Tracker | None, callbacks: list | None) -> dict[str, Any]:
+    """TorchTrainer.fit and the end of the run; the MLflow run never left RUNNING by an error."""
     resources = worker_resources(cfg)
     trainer = ByolTrainer(
         train_loop_per_worker,

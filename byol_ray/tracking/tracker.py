@@ -267,6 +267,30 @@ def finished_run_id(cfg: Config) -> str:
     return run.info.run_id if run is not None and run.info.status == "FINISHED" else ""
 
 
+OWNER_TAG = "byol_ray.owner"  # the driver that owns the run (distributed.ownership), as JSON
+OWNER_HEARTBEAT_TAG = "byol_ray.owner_heartbeat"  # when it last renewed that claim, Unix seconds
+
+
+def set_owner_tags(tracker: Tracker, owner: str, heartbeat: float) -> None:
+    """Put the owning driver's claim on its MLflow run. (No `short_http` here: it changes the process's
+    environment, which the heartbeat thread must leave to the driver's own calls.)"""
+    tracker.set_tags({OWNER_TAG: owner, OWNER_HEARTBEAT_TAG: f"{heartbeat:.0f}"})
+
+
+def live_owner_tag(cfg: Config, ttl_s: float) -> str:
+    """The owner claim (JSON) on this run.name's newest MLflow run while it is RUNNING and its heartbeat is
+    younger than `ttl_s`; '' otherwise."""
+    run = _newest_run_by_name(cfg)
+    if run is None or run.info.status != "RUNNING":
+        return ""
+    owner, beat = run.data.tags.get(OWNER_TAG, ""), run.data.tags.get(OWNER_HEARTBEAT_TAG, "")
+    try:
+        fresh = time.time() - float(beat) <= ttl_s
+    except ValueError:
+        return ""
+    return owner if fresh else ""
+
+
 def undelivered_path(cfg: Config) -> Path:
     return cfg.output_dir / cfg.run.name / UNDELIVERED_FILE
 
