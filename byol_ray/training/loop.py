@@ -272,6 +272,7 @@ def make_plan(cfg: Config, trainer: Pretrainer, data: TrainData, rank: int, worl
             return data.in_memory_batch(steps[i])
 
     trainer.start_epoch(0)
+    pause_point(cfg, rank, "warmup")
     step_s = measure_step_seconds(trainer, batch)
     embed_s = 0.0
     if rank == 0 and data.stream is None and (cfg.eval.final or cfg.eval.knn_every):
@@ -310,6 +311,8 @@ def train_one_epoch(
     streamed = data.stream.micro_batches(epoch, batches) if data.stream is not None else None
     for s in range(spe):
         _maybe_crash(cfg, rank, trainer.step)
+        if s == spe // 2 and epoch == min(1, plan.epochs - 1):
+            pause_point(cfg, rank, "mid_epoch")
         if cfg.debug.step_delay_s:
             time.sleep(cfg.debug.step_delay_s)
         micro = next(streamed) if streamed is not None else data.in_memory_batch(batches[s])
@@ -416,6 +419,7 @@ def knn_monitor(cfg: Config, trainer: Pretrainer, data: TrainData) -> float:
 
 def final_evaluation(cfg: Config, trainer: Pretrainer, data: TrainData) -> list[EvalRow]:
     """BYOL's online encoder against the baselines (an untrained encoder, raw pixels), same evaluator."""
+    pause_point(cfg, 0, "final_eval")
     test, train = data.test_split(), data.split
     encoders: dict[str, torch.nn.Module | None] = {"BYOL (online encoder)": trainer.encoder}
     if cfg.eval.baselines:
@@ -460,6 +464,21 @@ def _to(v: Any, device: torch.device) -> Any:
     if isinstance(v, torch.Tensor):
         return v.to(device)
     return v
+
+
+def pause_point(cfg: Config, rank: int, phase: str) -> None:
+    """Fault injection: hold rank 0 once at `phase` (debug.pause_at) for debug.pause_s seconds, after writing
+    a marker file that says the run got there, so that a test can kill the driver in that phase; a rerun
+    finds the marker and goes through."""
+    if cfg.debug.pause_at != phase or rank != 0:
+        return
+    marker = cfg.output_dir / f".paused_{cfg.run.name}_{phase}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    log(f"[debug] rank {rank} holds {cfg.debug.pause_s:g} s in phase {phase}")
+    time.sleep(cfg.debug.pause_s)
 
 
 def _maybe_crash(cfg: Config, rank: int, step: int) -> None:
