@@ -183,10 +183,11 @@ class Claim:
                 )
             if self._tag_store:
                 tagged = live_owner_tag(self.cfg, self.ttl_s)
-                if tagged:
-                    other = Owner.parse(tagged)
-                    if other is not None and other.token != self.owner.token:
-                        raise self._refusal(other, f"the MLflow run's owner tags at {redact(self.uri)}")
+                tag_owner = Owner.parse(tagged) if tagged else None
+                # A driver on this machine whose process is gone left a fresh heartbeat behind (say, one
+                # that could not end its run while the server was down): its pid decides, as for the file.
+                if tag_owner and tag_owner.token != self.owner.token and not tag_owner.stale_because(self.ttl_s):
+                    raise self._refusal(tag_owner, f"the MLflow run's owner tags at {redact(self.uri)}")
             self._write()
         self._thread = threading.Thread(target=self._beat, name="byol-ray-claim-heartbeat", daemon=True)
         self._thread.start()

@@ -93,6 +93,48 @@ def test_the_owner_renews_its_heartbeat_and_removes_its_claim(tmp_path, monkeypa
     assert not (tmp_path / "twin" / CLAIM_FILE).exists()
 
 
+def test_on_a_tracking_server_the_claim_on_the_mlflow_run_holds_across_output_folders(tmp_path, capsys):
+    """Two drivers that share only a tracking server (each its own output folder, say on two machines):
+    the claim the first put on the MLflow run refuses the second while its heartbeat is fresh; a stale
+    one, or one whose process is gone on this machine, is not a live owner."""
+    from byol_ray.tracking.server import MlflowServer
+    from byol_ray.tracking.tracker import OWNER_HEARTBEAT_TAG, OWNER_TAG, Tracker
+
+    server = MlflowServer(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts")).start()
+    try:
+        opts = [f"tracking.tracking_uri={server.url}", "run.name=shared"]
+        first = load_config(None, [f"run.output_dir={tmp_path / 'a'}", *opts])
+        second = load_config(None, [f"run.output_dir={tmp_path / 'b'}", *opts])
+        with claim_run(first, server.url) as claim:
+            tracker = Tracker.start(first, tags={"byol_ray.run_name": "shared"})
+            claim.opened(tracker.run_id, tracker)
+            with pytest.raises(RunOwnedError) as info, claim_run(second, server.url):
+                pass
+            assert "MLflow run's owner tags" in str(info.value) and f"MLflow run {tracker.run_id}" in str(info.value)
+        # The claim of a driver on another machine whose heartbeat lapsed.
+        boot, ns = machine()
+        remote = Owner(
+            "far", "another-boot", ns, 4242, "1", time.time() - 500, time.time() - 61, "t-far", tracker.run_id
+        )
+        tracker.client.update_run(tracker.run_id, status="RUNNING")
+        tracker.set_tags({OWNER_TAG: json.dumps(remote.__dict__), OWNER_HEARTBEAT_TAG: str(remote.heartbeat)})
+        with claim_run(second, server.url):
+            pass
+        # Fresh, but its process is gone on this machine: a pid here decides.
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        local = Owner("here", boot, ns, gone.pid, "1", time.time(), time.time(), "t-gone", tracker.run_id)
+        tracker.set_tags({OWNER_TAG: json.dumps(local.__dict__), OWNER_HEARTBEAT_TAG: str(local.heartbeat)})
+        with claim_run(second, server.url):
+            pass
+        remote.heartbeat = time.time()
+        tracker.set_tags({OWNER_TAG: json.dumps(remote.__dict__), OWNER_HEARTBEAT_TAG: str(remote.heartbeat)})
+        with pytest.raises(RunOwnedError, match="host far, pid 4242"), claim_run(second, server.url):
+            pass
+    finally:
+        server.stop()
+
+
 CONTENDER = """
 import sys, time
 from byol_ray.config import load_config
