@@ -117,6 +117,10 @@ class Owner:
                 return f"its process (pid {self.pid} on this machine) is gone"
             if self.pid_start and start != self.pid_start:
                 return f"pid {self.pid} on this machine now belongs to another process"
+            if self.pid == os.getpid():
+                # A claim of this process that is not the one being judged: an earlier driver of the run in
+                # this process (a rerun after an error, or a reused Tune actor), which has ended.
+                return "it was an earlier driver in this process, which has ended"
             return ""
         age = (now or time.time()) - self.heartbeat
         if age > ttl_s:

@@ -103,14 +103,26 @@ def test_on_a_tracking_server_the_claim_on_the_mlflow_run_holds_across_output_fo
     server = MlflowServer(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts")).start()
     try:
         opts = [f"tracking.tracking_uri={server.url}", "run.name=shared"]
-        first = load_config(None, [f"run.output_dir={tmp_path / 'a'}", *opts])
         second = load_config(None, [f"run.output_dir={tmp_path / 'b'}", *opts])
-        with claim_run(first, server.url) as claim:
-            tracker = Tracker.start(first, tags={"byol_ray.run_name": "shared"})
-            claim.opened(tracker.run_id, tracker)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        first = subprocess.Popen(
+            [sys.executable, "-c", FIRST_DRIVER, str(tmp_path / "a"), server.url],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert first.stdout is not None and first.stdin is not None
+        run_id = first.stdout.readline().strip()
+        try:
             with pytest.raises(RunOwnedError) as info, claim_run(second, server.url):
                 pass
-            assert "MLflow run's owner tags" in str(info.value) and f"MLflow run {tracker.run_id}" in str(info.value)
+            assert "MLflow run's owner tags" in str(info.value) and f"MLflow run {run_id}" in str(info.value)
+            assert f"pid {first.pid}" in str(info.value)
+        finally:
+            first.stdin.close()
+            first.wait(timeout=60)
+        tracker = Tracker(server.url, run_id)
         # The claim of a driver on another machine whose heartbeat lapsed.
         boot, ns = machine()
         remote = Owner(
@@ -133,6 +145,21 @@ def test_on_a_tracking_server_the_claim_on_the_mlflow_run_holds_across_output_fo
             pass
     finally:
         server.stop()
+
+
+# A driver that owns run `shared` and its MLflow run on a tracking server until its stdin closes.
+FIRST_DRIVER = """
+import sys
+from byol_ray.config import load_config
+from byol_ray.distributed.ownership import claim_run
+from byol_ray.tracking.tracker import Tracker
+cfg = load_config(None, [f"run.output_dir={sys.argv[1]}", f"tracking.tracking_uri={sys.argv[2]}", "run.name=shared"])
+with claim_run(cfg, sys.argv[2]) as claim:
+    tracker = Tracker.start(cfg, tags={"byol_ray.run_name": "shared"})
+    claim.opened(tracker.run_id, tracker)
+    print(tracker.run_id, flush=True)
+    sys.stdin.read()
+"""
 
 
 CONTENDER = """
