@@ -8,6 +8,7 @@ byol-ray sweep tau --fresh                 # start over instead of resuming
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import UserError, run_cli
@@ -21,12 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="start a new sweep instead of resuming the last one")
     p.add_argument("--resume", action="store_true", help="resume the last sweep (the default; kept for clarity)")
     p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (default: what the cluster holds)")
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    p.add_argument(
+        "--debug", action="store_true", help="show Python tracebacks and Ray's whole log (as BYOL_RAY_VERBOSE=1)"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    if args.debug:
+        os.environ["BYOL_RAY_VERBOSE"] = "1"  # read by distributed.cluster; set before Ray starts
 
     def go() -> int:
         if args.fresh and args.resume:

@@ -6,6 +6,7 @@ byol-ray train --config experiments/fmnist.yaml optim.epochs=5 run.num_workers=2
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..config import load_config
@@ -15,13 +16,17 @@ from ..errors import run_cli
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="byol-ray train", description="BYOL pretraining on Ray Train")
     p.add_argument("--config", "-c", default=None, help="YAML config (e.g. experiments/fmnist.yaml)")
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    p.add_argument(
+        "--debug", action="store_true", help="show Python tracebacks and Ray's whole log (as BYOL_RAY_VERBOSE=1)"
+    )
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.epochs=5")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ["BYOL_RAY_VERBOSE"] = "1"  # read by distributed.cluster; set before Ray starts
 
     def go() -> int:
         cfg = load_config(args.config, args.overrides)

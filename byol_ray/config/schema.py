@@ -34,6 +34,8 @@ TAU_SCHEDULES = ("cosine", "constant")
 TARGET_BN_MODES = ("ema", "copy")
 PRECISIONS = ("fp32", "bf16", "auto")
 CRASH_KINDS = ("kill", "user_error")
+# Where `debug.pause_at` holds a run, so that a test can kill its driver there (see DebugConfig).
+PAUSE_PHASES = ("", "warmup", "mid_epoch", "checkpoint", "final_eval")
 COMPILE_MODES = ("networks", "graph", "step")
 
 
@@ -229,6 +231,12 @@ class DebugConfig:
     # Every training step sleeps this long, the warm-up's excepted: a machine that slows down after a
     # time-budgeted run planned (tests of re-planning).
     step_delay_s: float = 0.0
+    # Hold the run once, for pause_s seconds, at this phase of rank 0 (warm-up plan, the middle of the second
+    # epoch, a checkpoint written but not yet handed to Ray, the final evaluation), after writing the marker
+    # file `<output_dir>/.paused_<run.name>_<phase>`: a test kills the driver there and reruns the command,
+    # which finds the marker and does not hold again.
+    pause_at: str = ""
+    pause_s: float = 0.0
 
 
 # Top-level fields that hold a free-form mapping of `section.key: value` overrides rather than a section:

@@ -15,6 +15,7 @@ from .schema import (
     DATASETS,
     LOADERS,
     OPTIMIZERS,
+    PAUSE_PHASES,
     PRECISIONS,
     STEMS,
     TARGET_BN_MODES,
@@ -167,6 +168,8 @@ def _validate_fields(cfg: ConfigFields) -> None:
     _choice(r.precision, PRECISIONS, "run.precision")
     _choice(cfg.debug.crash_kind, CRASH_KINDS, "debug.crash_kind")
     _check(cfg.debug.step_delay_s >= 0, "debug.step_delay_s", f"must be >= 0 seconds, got {cfg.debug.step_delay_s}")
+    _choice(cfg.debug.pause_at, PAUSE_PHASES, "debug.pause_at")
+    _check(cfg.debug.pause_s >= 0, "debug.pause_s", f"must be >= 0 seconds, got {cfg.debug.pause_s}")
     _choice(r.compile_mode, COMPILE_MODES, "run.compile_mode")
     if r.compile and r.compile_mode != "networks":
         _check(

@@ -8,6 +8,7 @@ group..."). Everything here fails in seconds instead, with a paragraph that says
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -92,7 +93,46 @@ def connect(address: str = "") -> bool:
             f"cannot connect to the Ray cluster at {address!r} ({e}). Start one with `ray start --head`, or "
             f"leave the address empty to start a local Ray."
         ) from None
+    quiet_ray_console()
     return True
+
+
+VERBOSE_ENV = "BYOL_RAY_VERBOSE"  # "1" (what --debug sets): Ray's whole log on the console
+
+# Lines of Ray's own that look like failures and are not: Ray Train's preemption watcher is an actor whose
+# constructor arguments sit in the object store, which Ray's core worker reports at level E on every start.
+_RAY_NOISE = (
+    re.compile(
+        r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .*constructor arguments in the object"
+    ),
+)
+
+
+def verbose_ray() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_ray_console() -> None:
+    """Drop `_RAY_NOISE` from the worker output Ray prints on this driver's console (unless BYOL_RAY_VERBOSE
+    is set). Ray offers no filter for it, so its printing handler is wrapped; best effort where that moves."""
+    if verbose_ray():
+        return
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    handler = next((h for name, h in dispatcher.handlers if name == "ray_print_logs"), None)
+    if handler is None or getattr(handler, "byol_quiet", False):
+        return
+
+    def filtered(data: dict[str, Any]) -> None:
+        lines = [ln for ln in data.get("lines", []) if not any(p.search(ln) for p in _RAY_NOISE)]
+        if lines:
+            handler({**data, "lines": lines})
+
+    filtered.byol_quiet = True  # type: ignore[attr-defined]
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", filtered)
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:

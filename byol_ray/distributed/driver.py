@@ -19,12 +19,13 @@ import ray
 import ray.train
 
 from ..config import Config, apply_gpu_recipe
-from ..tracking.tracker import open_training_run, undelivered_path, worker_tracker
+from ..tracking.tracker import Tracker, open_training_run, undelivered_path, worker_tracker
 from ..training.loop import log, pretrain
 from . import ingest
-from .cluster import reserve_worker_group, training_device, worker_resources
+from .cluster import reserve_worker_group, training_device, verbose_ray, worker_resources
 from .failures import ByolTrainer, quiet_user_errors, user_error_in
-from .preflight import preflight, storage_path
+from .ownership import claim_run
+from .preflight import preflight, preflight_run, storage_path
 from .results import finish_run
 from .session import RaySession
 
@@ -34,7 +35,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     writer for per-epoch metrics (its spool keeps what an unreachable server could not take; the driver
     delivers it at the end) and the system metrics of its machine."""
     cfg = Config.from_dict(loop_config["config"])
-    quiet_ray_train_reports()
+    if not loop_config.get("verbose"):
+        quiet_ray_train_reports()
     quiet_user_errors()
     session = RaySession()
     log(f"[worker] rank {session.rank} of {session.world_size} on node {ray.get_runtime_context().get_node_id()}")
@@ -49,14 +51,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def quiet_ray_train_reports() -> None:
-    """Ray Train logs every report (the whole metrics dict) and checkpoint at INFO in each worker; the loop
-    prints its own one-line progress, so keep Ray's to warnings. Internal logger names: best effort."""
+    """Ray Train logs every report (the whole metrics dict, over a thousand characters) and checkpoint at
+    INFO in each worker; the loop prints its own one-line progress, so keep Ray's to warnings, and MLflow's
+    system-metrics sampler to warnings too. Ray's internal logger names (`context` names its logger by file
+    path, not module): best effort."""
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     try:
         from ray.train.v2._internal.execution import context, storage
     except ImportError:
         return
     for module in (context, storage):
-        logging.getLogger(module.__name__).setLevel(logging.WARNING)
+        for name in (module.__name__, module.__file__):
+            if name:
+                logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_training(
@@ -74,12 +81,20 @@ def run_training(
     MLflow run again on a rerun).
     """
     uri = preflight(cfg)
-    cfg = apply_gpu_recipe(cfg, training_device(cfg))  # the config's GPU recipe when the workers get GPUs
-    reserve_worker_group(cfg)
-    ray_data = cfg.data.stream and cfg.data.loader == "ray_data"
-    if ray_data:
-        ingest.check_ingest_capacity(cfg)
-    tracker = open_training_run(cfg, tags, parent_run_id, run_name) if cfg.tracking.enabled else None
+    with claim_run(cfg, uri) as claim:  # one live driver per run.name; refused here while another lives
+        preflight_run(cfg, uri)
+        cfg = apply_gpu_recipe(cfg, training_device(cfg))  # the config's GPU recipe when the workers get GPUs
+        reserve_worker_group(cfg)
+        if ingest.uses_ray_data(cfg):
+            ingest.check_ingest_capacity(cfg)
+        tracker = open_training_run(cfg, tags, parent_run_id, run_name) if cfg.tracking.enabled else None
+        if tracker:
+            claim.opened(tracker.run_id, tracker)
+        return _fit(cfg, uri, tracker, callbacks)
+
+
+def _fit(cfg: Config, uri: str, tracker: Tracker | None, callbacks: list | None) -> dict[str, Any]:
+    """TorchTrainer.fit and the end of the run; the MLflow run never left RUNNING by an error."""
     resources = worker_resources(cfg)
     trainer = ByolTrainer(
         train_loop_per_worker,
@@ -88,9 +103,12 @@ def run_training(
             "mlflow_run_id": tracker.run_id if tracker else "",
             "tracking_uri": uri,
             "undelivered_path": str(undelivered_path(cfg)),
+            "verbose": verbose_ray(),
         },
         # A factory: Ray Train calls it at every worker-group start, so a restart streams from its epoch.
-        datasets={ingest.DATASET: functools.partial(ingest.train_dataset, cfg.to_dict())} if ray_data else None,
+        datasets={ingest.DATASET: functools.partial(ingest.train_dataset, cfg.to_dict())}
+        if ingest.uses_ray_data(cfg)
+        else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu="GPU" in resources, resources_per_worker=resources
         ),

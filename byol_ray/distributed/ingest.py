@@ -46,6 +46,11 @@ class IngestResourceError(UserError):
 
 
 # ---- the driver's side --------------------------------------------------------------------------
+def uses_ray_data(cfg: Config) -> bool:
+    """Whether the run's train split comes through this ingest (validation ties it to a streamed folder)."""
+    return cfg.data.stream and cfg.data.loader == "ray_data"
+
+
 def check_ingest_capacity(cfg: Config) -> None:
     """Connected: the cluster keeps at least one CPU beside the worker group for the decode tasks, which
     would otherwise wait for ever (Ray Train reserves the workers' CPUs away from Ray Data)."""

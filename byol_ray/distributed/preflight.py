@@ -1,7 +1,7 @@
 """Checks before any Ray resource is requested: the Ray address (or, for a local Ray, this machine's
-CPUs and GPUs), the tracking store and whether this run.name already finished there, the data files and
-whether they hold a batch, and a resumable checkpoint. Each fails in seconds with one paragraph naming the
-problem and the fix."""
+CPUs and GPUs), the tracking store, the data files and whether they hold a batch; then, under the run's
+claim, whether this run.name already finished and a resumable checkpoint. Each fails in seconds with one
+paragraph naming the problem and the fix."""
 
 from __future__ import annotations
 
@@ -22,17 +22,23 @@ def storage_path(cfg: Config) -> str:
 
 
 def preflight(cfg: Config) -> str:
-    """Checks that need no Ray resources; returns the tracking URI."""
+    """Checks that need no Ray resources and touch no run; returns the tracking URI."""
     check_cluster(cfg)
     n_train = check_data(cfg.data)
     if n_train is not None:
         steps_per_epoch(cfg, n_train)  # raises when the images do not fill one batch
-    check_resume(cfg)
     uri = resolve_tracking_uri(cfg)
     if cfg.tracking.enabled:
         check_reachable(uri)
-        check_not_finished(cfg, uri)
     return uri
+
+
+def preflight_run(cfg: Config, uri: str) -> None:
+    """Checks of the run itself, made once this driver owns it (`ownership.claim_run`): its checkpoints and
+    MLflow run are then not being written by another driver."""
+    check_resume(cfg)
+    if cfg.tracking.enabled:
+        check_not_finished(cfg, uri)
 
 
 def check_cluster(cfg: Config) -> None:

@@ -8,8 +8,9 @@ from typing import Any
 
 import ray.train
 
+from ..config import Config
 from ..core.state import CheckpointError, TrainState, load_state, resumable_checkpoint, save_state
-from ..training.loop import log
+from ..training.loop import log, pause_point
 
 
 class RaySession:
@@ -50,4 +51,6 @@ class RaySession:
             return
         with tempfile.TemporaryDirectory() as tmp:
             save_state(tmp, state)
+            if state.config.get("debug", {}).get("pause_at") == "checkpoint":
+                pause_point(Config.from_dict(state.config), self.rank, "checkpoint")  # written, not yet Ray's
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -101,6 +101,7 @@ class Tracker:
         self.pending: list[dict[str, Any]] = _read_spool(self.spool)
         self._warned = False
         self.system_metrics: SystemMetrics | None = None  # set by `worker_tracker`
+        self.skip_steps: set[int] = set()  # steps the run already holds (`worker_tracker`)
 
     @classmethod
     def start(
@@ -129,6 +130,7 @@ class Tracker:
         items = [Param(k, str(redact(v))[:6000]) for k, v in params.items()]
         try:
             with short_http() if self.spool is not None else contextlib.nullcontext():
+                items = self._new_params(items)
                 for i in range(0, len(items), 100):  # MLflow's batch limit is 100 params
                     self.client.log_batch(self.run_id, params=items[i : i + 100])
         except delivery_errors() as e:
@@ -140,9 +142,38 @@ class Tracker:
                 flush=True,
             )
 
+    def _new_params(self, items: list) -> list:
+        """The params the run does not hold yet. MLflow refuses to change a param; a run resumed after its
+        driver died logs its plan again, and keeps what the first attempt logged (said in one line)."""
+        held = self.client.get_run(self.run_id).data.params
+        changed = sorted(p.key for p in items if p.key in held and held[p.key] != p.value)
+        if changed:
+            print(
+                f"[mlflow] run {self.run_id} keeps the values an earlier attempt logged for {', '.join(changed)}",
+                flush=True,
+            )
+        return [p for p in items if p.key not in held]
+
+    def logged_epochs(self, key: str = "loss") -> set[int]:
+        """The steps at which the run already holds `key`, delivered or queued in the spool."""
+        steps = {int(m["step"]) for m in self.pending if m["key"] == key}
+        with short_http() if self.spool is not None else contextlib.nullcontext():
+            try:
+                steps |= {m.step for m in self.client.get_metric_history(self.run_id, key)}
+            except delivery_errors():
+                pass  # unreachable: nothing to compare against, the epoch is logged (and queued)
+        return steps
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if step in self.skip_steps:
+            # An epoch trained again after the driver died before Ray registered its checkpoint: the run
+            # already holds its metrics (the same numbers, but for timings), one point per epoch.
+            print(
+                f"[mlflow] epoch {step} is already in run {self.run_id}; its metrics are not logged again", flush=True
+            )
+            return
         ts = int(time.time() * 1000)
         if self.spool is None:
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
@@ -201,11 +232,24 @@ class Tracker:
         import mlflow
         import mlflow.pytorch
 
+        self._drop_models_of_dead_attempts(name)
         # log_model has no tracking_uri or run_id argument: it logs to the fluent API's active run.
         with tracking_uri_scope(self.uri), mlflow.start_run(run_id=self.run_id):
             # pt2 (torch.export) rather than pickle: loading it back cannot run arbitrary code.
             info = mlflow.pytorch.log_model(model, name=name, input_example=input_example, serialization_format="pt2")
         return info.model_uri
+
+    def _drop_models_of_dead_attempts(self, name: str) -> None:
+        """A model `name` the run already has was logged by a driver that died before it ended the run (a
+        model it was still writing stays PENDING): deleted, so the run ends with one, the one logged now."""
+        exp = self.client.get_run(self.run_id).info.experiment_id
+        for m in self.client.search_logged_models([exp], filter_string=f"source_run_id = '{self.run_id}'"):
+            if m.name == name:
+                self.client.delete_logged_model(m.model_id)
+                print(
+                    f"[mlflow] deleted model {m.model_id} ({m.status}), left by an earlier attempt of this run",
+                    flush=True,
+                )
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
@@ -265,6 +309,30 @@ def finished_run_id(cfg: Config) -> str:
     """The id of this run.name's newest run if it FINISHED (a rerun has nothing left to do), else ''."""
     run = _newest_run_by_name(cfg)
     return run.info.run_id if run is not None and run.info.status == "FINISHED" else ""
+
+
+OWNER_TAG = "byol_ray.owner"  # the driver that owns the run (distributed.ownership), as JSON
+OWNER_HEARTBEAT_TAG = "byol_ray.owner_heartbeat"  # when it last renewed that claim, Unix seconds
+
+
+def set_owner_tags(tracker: Tracker, owner: str, heartbeat: float) -> None:
+    """Put the owning driver's claim on its MLflow run. (No `short_http` here: it changes the process's
+    environment, which the heartbeat thread must leave to the driver's own calls.)"""
+    tracker.set_tags({OWNER_TAG: owner, OWNER_HEARTBEAT_TAG: f"{heartbeat:.0f}"})
+
+
+def live_owner_tag(cfg: Config, ttl_s: float) -> str:
+    """The owner claim (JSON) on this run.name's newest MLflow run while it is RUNNING and its heartbeat is
+    younger than `ttl_s`; '' otherwise."""
+    run = _newest_run_by_name(cfg)
+    if run is None or run.info.status != "RUNNING":
+        return ""
+    owner, beat = run.data.tags.get(OWNER_TAG, ""), run.data.tags.get(OWNER_HEARTBEAT_TAG, "")
+    try:
+        fresh = time.time() - float(beat) <= ttl_s
+    except ValueError:
+        return ""
+    return owner if fresh else ""
 
 
 def undelivered_path(cfg: Config) -> Path:
@@ -331,6 +399,7 @@ def worker_tracker(
     neither for its metrics nor for the sampler, which ends within seconds at an outage and is started
     again by the first flush that gets through. What is queued is flushed at the end."""
     tracker = Tracker(uri, run_id, spool=spool)
+    tracker.skip_steps = tracker.logged_epochs()
     with short_http():
         if tracking.system_metrics:
             tracker.system_metrics = SystemMetrics(uri, run_id, tracking.system_metrics_interval_s)

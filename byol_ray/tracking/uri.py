@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import sqlite3
 import tempfile
 import urllib.error
 import urllib.request
@@ -94,29 +97,117 @@ def artifacts_at_risk(location: str, uri: str) -> str:
     return ""
 
 
+def _get(url: str, timeout_s: float) -> tuple[int | None, str]:
+    """(HTTP status, start of the body) of a GET; (None, why) when nothing answers."""
+    try:
+        with urllib.request.urlopen(_without_userinfo(url), timeout=timeout_s) as r:
+            return int(r.status), r.read(4000).decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return int(e.code), e.read(300).decode(errors="replace")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return None, str(e)
+
+
+def health_answer(url: str, timeout_s: float = 2.0) -> int | None:
+    """The HTTP status the MLflow server at `url` gives for /health; None when nothing answers."""
+    return _get(url.rstrip("/") + "/health", timeout_s)[0]
+
+
 def healthy(url: str, timeout_s: float = 2.0) -> bool:
     """Whether the MLflow server at `url` answers its /health endpoint."""
+    return health_answer(url, timeout_s) == 200
+
+
+_GO_ON = (
+    "To go on, point at a working store (tracking.tracking_uri=... or MLFLOW_TRACKING_URI, or another "
+    "run.output_dir), or set tracking.enabled=false."
+)
+
+
+def check_server(uri: str, timeout_s: float) -> None:
+    """A tracking server that answers, and answers its API without an error."""
+    base = uri.rstrip("/")
+    status, body = _get(base + "/health", timeout_s)
+    if status is None:
+        raise TrackingError(
+            f"the MLflow tracking server {redact(uri)} is unreachable (no answer from its /health within "
+            f"{timeout_s:g} s). Start it (byol-ray mlflow-server, or mlflow server ...), fix "
+            f"tracking.tracking_uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false."
+        )
+    asked = "/health"
+    if status == 200:  # one cheap read of the API, which a server with a broken database fails
+        asked = "a search of experiments"
+        status, body = _get(base + "/api/2.0/mlflow/experiments/search?max_results=1", timeout_s)
+        if status == 200:
+            try:
+                json.loads(body)
+                return
+            except ValueError:
+                status = -1
+    what = "a reply that is not JSON" if status == -1 else f"HTTP {status}"
+    said = " ".join(body.split())[:160]
+    raise TrackingError(
+        f"the MLflow tracking server {redact(uri)} answers with errors ({what} from {asked}"
+        f"{': ' + repr(said) if said else ''}), so the run could log nothing. Check the server's own log (its "
+        f"database, its disk, a proxy in front of it) and restart it. {_GO_ON}"
+    )
+
+
+def check_sqlite_store(db: Path) -> None:
+    """The folder of a SQLite store can be written (SQLite keeps its journal beside the file), and an
+    existing file is an SQLite database holding an MLflow store, not something else."""
+    folder = db.parent
     try:
-        with urllib.request.urlopen(_without_userinfo(url).rstrip("/") + "/health", timeout=timeout_s) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrackingError(
+            f"the MLflow store {db} cannot be used: its folder {folder} cannot be created ({e.strerror}). {_GO_ON}"
+        ) from None
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass  # SQLite writes its journal beside the database
+    except OSError as e:
+        raise TrackingError(
+            f"the MLflow store {db} cannot be written: its folder {folder} does not take new files "
+            f"({e.strerror}), and SQLite keeps its journal there. Make the folder writable for this user, "
+            f"or move the store. {_GO_ON}"
+        ) from None
+    if not db.exists():
+        return
+    if not db.is_file() or not os.access(db, os.R_OK | os.W_OK):
+        raise TrackingError(
+            f"the MLflow store {db} is not a file this user can read and write. Fix its permissions, or move "
+            f"it aside. {_GO_ON}"
+        )
+    if db.stat().st_size == 0:
+        return  # an empty file is an empty database: MLflow sets it up
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        raise TrackingError(
+            f"the MLflow store {db} is not a readable SQLite database ({e}): it was overwritten, cut short or "
+            f"is another kind of file. Move it aside (the runs in it are lost unless a backup holds them) and "
+            f"rerun to start a new store there, or restore it from a backup. {_GO_ON}"
+        ) from None
+    if tables and not {"experiments", "runs", "alembic_version"} <= tables:
+        shown = ", ".join(sorted(tables)[:5])
+        raise TrackingError(
+            f"the MLflow store {db} is an SQLite database of something else (tables {shown}; none of MLflow's "
+            f"experiments, runs, alembic_version): byol-ray will not write MLflow's tables into it. Point "
+            f"tracking.tracking_uri at a file of its own, e.g. sqlite:///{db.parent / 'mlflow.db'} if that is "
+            f"free, or move this one. {_GO_ON}"
+        )
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast (seconds, not MLflow's minutes of retries) when the tracking store cannot be reached."""
+    """Fail fast (seconds, not MLflow's minutes of retries, and one paragraph, not SQLAlchemy's traceback)
+    when the tracking store cannot be reached or used: a server that does not answer or answers errors, a
+    SQLite file that is not an MLflow store, a store folder that cannot be written."""
     if uri.startswith(("http://", "https://")):
-        if not healthy(uri, timeout_s):
-            raise TrackingError(
-                f"the MLflow tracking server {redact(uri)} is unreachable (no answer from its /health within "
-                f"{timeout_s:g} s). Start it (byol-ray mlflow-server, or mlflow server ...), fix "
-                f"tracking.tracking_uri / MLFLOW_TRACKING_URI, or set tracking.enabled=false."
-            )
+        check_server(uri, timeout_s)
     elif (db := sqlite_path(uri)) is not None:
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TrackingError(f"cannot create the MLflow database folder {db.parent}: {e}") from None
+        check_sqlite_store(db)
 
 
 def check_store_exists(uri: str, what: str) -> None:

@@ -330,6 +330,7 @@ def make_plan(cfg: Config, trainer: Pretrainer, data: TrainData, rank: int, worl
             return data.in_memory_batch(steps[i])
 
     trainer.start_epoch(0)
+    pause_point(cfg, rank, "warmup")
     step_s = measure_step_seconds(trainer, batch)
     embed_s = embed_seconds(cfg, trainer, data) if rank == 0 else 0.0
     step_s, embed_s, elapsed = agree([step_s, embed_s, time.perf_counter() - t_start], data.device)
@@ -378,6 +379,8 @@ def train_one_epoch(
     steps = epoch_batches(cfg, data, epoch, spe, rank, world)
     for s in range(spe):
         _maybe_crash(cfg, rank, trainer.step)
+        if s == spe // 2 and epoch == min(1, plan.epochs - 1):
+            pause_point(cfg, rank, "mid_epoch")
         if cfg.debug.step_delay_s:
             time.sleep(cfg.debug.step_delay_s)
         stats = trainer.train_step(next(steps))  # a device tensor: read only here at log points (one sync each)
@@ -483,6 +486,7 @@ def knn_monitor(cfg: Config, trainer: Pretrainer, data: TrainData) -> float:
 
 def final_evaluation(cfg: Config, trainer: Pretrainer, data: TrainData) -> list[EvalRow]:
     """BYOL's online encoder against the baselines (an untrained encoder, raw pixels), same evaluator."""
+    pause_point(cfg, 0, "final_eval")
     test, train = data.test_split(), data.split
     encoders: dict[str, torch.nn.Module | None] = {"BYOL (online encoder)": trainer.encoder}
     if cfg.eval.baselines:
@@ -527,6 +531,21 @@ def _to(v: Any, device: torch.device) -> Any:
     if isinstance(v, torch.Tensor):
         return v.to(device)
     return v
+
+
+def pause_point(cfg: Config, rank: int, phase: str) -> None:
+    """Fault injection: hold rank 0 once at `phase` (debug.pause_at) for debug.pause_s seconds, after writing
+    a marker file that says the run got there, so that a test can kill the driver in that phase; a rerun
+    finds the marker and goes through."""
+    if cfg.debug.pause_at != phase or rank != 0:
+        return
+    marker = cfg.output_dir / f".paused_{cfg.run.name}_{phase}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    log(f"[debug] rank {rank} holds {cfg.debug.pause_s:g} s in phase {phase}")
+    time.sleep(cfg.debug.pause_s)
 
 
 def _maybe_crash(cfg: Config, rank: int, step: int) -> None:

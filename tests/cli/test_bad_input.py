@@ -6,12 +6,14 @@ requested), and no MLflow run left RUNNING."""
 from __future__ import annotations
 
 import gzip
+import http.server
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from conftest import REPO, cluster_pids, kill_cluster
 
 from byol_ray.config import load_config
 from byol_ray.core.state import TrainState, save_state
+from byol_ray.tracking.server import free_port
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -74,6 +77,50 @@ def finished_run(tmp: Path) -> None:
     exp = c.create_experiment("byol-ray", artifact_location=str(tmp / "mlartifacts"))
     run = c.create_run(exp, tags={"byol_ray.run_name": "done"}, run_name="done")
     c.set_terminated(run.info.run_id, "FINISHED")
+
+
+def corrupt_store(tmp: Path) -> None:
+    """The store overwritten with random bytes (a disk error, a bad copy)."""
+    (tmp / "mlflow.db").write_bytes(os.urandom(8192))
+
+
+def foreign_store(tmp: Path) -> None:
+    """An SQLite file of some other program where the MLflow store should be."""
+    with sqlite3.connect(tmp / "mlflow.db") as con:
+        con.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, amount REAL)")
+
+
+# A store folder that takes no new file: a read-only one for a normal user; root writes anywhere but in
+# sysfs, whose folders hold only the kernel's files.
+UNWRITABLE = "/sys/kernel" if os.geteuid() == 0 else "{tmp}/read-only"
+
+
+def read_only_folder(tmp: Path) -> None:
+    (tmp / "read-only").mkdir()
+    (tmp / "read-only").chmod(0o555)
+
+
+class _Errors(http.server.BaseHTTPRequestHandler):
+    """A tracking server's host that answers every request with an error, as a proxy in front of a
+    crashed MLflow server does."""
+
+    def do_GET(self):
+        self.send_response(503)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        self.wfile.write(b"upstream connect error or disconnect/reset before headers")
+
+    def log_message(self, *args):
+        pass
+
+
+ERRORS_PORT = free_port()
+
+
+def server_answering_errors(tmp: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", ERRORS_PORT), _Errors)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server_answering_errors.server = server  # type: ignore[attr-defined]
 
 
 CASES = [
@@ -153,6 +200,35 @@ CASES = [
         "unreachable-mlflow",
         ["train", "tracking.tracking_uri=http://127.0.0.1:1"],
         ["tracking server http://127.0.0.1:1 is unreachable", "byol-ray mlflow-server"],
+    ),
+    Case(
+        "mlflow-store-not-a-database",
+        ["train"],
+        ["mlflow.db is not a readable SQLite database", "file is not a database", "Move it aside"],
+        corrupt_store,
+    ),
+    Case(
+        "mlflow-store-of-another-program",
+        ["train"],
+        ["mlflow.db is an SQLite database of something else", "tables invoices", "tracking.tracking_uri"],
+        foreign_store,
+    ),
+    Case(
+        "mlflow-store-folder-unwritable",
+        ["train", f"tracking.tracking_uri=sqlite:///{UNWRITABLE}/mlflow.db"],
+        ["mlflow.db cannot be written", "does not take new files", "Make the folder writable"],
+        None if os.geteuid() == 0 else read_only_folder,
+    ),
+    Case(
+        "mlflow-server-answering-errors",
+        ["train", f"tracking.tracking_uri=http://127.0.0.1:{ERRORS_PORT}"],
+        [
+            "answers with errors (HTTP 503 from /health",
+            "upstream connect error",
+            "restart it",
+            "tracking.enabled=false",
+        ],
+        server_answering_errors,
     ),
     Case(
         "impossible-resources",
@@ -249,7 +325,7 @@ def runs(tmp: Path) -> list[tuple[str, str]]:
     with sqlite3.connect(db) as con:
         try:
             return sorted(con.execute("SELECT run_uuid, status FROM runs"))
-        except sqlite3.OperationalError:  # no tables: MLflow never created a run
+        except sqlite3.DatabaseError:  # no tables (MLflow never created a run), or no database at all
             return []
 
 
@@ -262,8 +338,14 @@ def test_bad_input_fails_with_one_clear_paragraph(case: Case, tmp_path: Path, ra
     if case.setup:
         case.setup(tmp_path)
     before = runs(tmp_path)
+    store = (tmp_path / "mlflow.db").read_bytes() if (tmp_path / "mlflow.db").is_file() else None
     t0 = time.monotonic()
-    proc = run_cli(case, tmp_path, ray_tmp)
+    try:
+        proc = run_cli(case, tmp_path, ray_tmp)
+    finally:
+        if hasattr(case.setup, "server"):
+            case.setup.server.shutdown()  # type: ignore[union-attr]
+            case.setup.server.server_close()  # type: ignore[union-attr]
     seconds = time.monotonic() - t0
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
@@ -277,6 +359,8 @@ def test_bad_input_fails_with_one_clear_paragraph(case: Case, tmp_path: Path, ra
     if not case.starts_ray:
         assert not any(ray_tmp.iterdir()), f"a Ray session was started: {list(ray_tmp.iterdir())}"
     assert cluster_pids(str(ray_tmp)) == [], "the local Ray outlived the command"
+    if store is not None:
+        assert (tmp_path / "mlflow.db").read_bytes() == store, "the store was changed"
     assert runs(tmp_path) == before, "a run was created or changed"
     assert not (tmp_path / "outputs").exists(), "a default output folder (or MLflow store) was created"
     if case.within_s:

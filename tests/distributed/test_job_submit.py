@@ -82,12 +82,16 @@ def head_node():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit_job(address: str, submission_id: str, entry: list[str]) -> subprocess.CompletedProcess:
-    """`ray job submit` of this repository as the working dir; waits for the job and returns its output."""
+def submit_job(
+    address: str, submission_id: str, entry: list[str], wait: bool = True, check: bool = True
+) -> subprocess.CompletedProcess:
+    """`ray job submit` of this repository as the working dir; waits for the job (unless not `wait`) and
+    returns its output."""
     submit = [
         str(BIN / "ray"),
         "job",
         "submit",
+        *([] if wait else ["--no-wait"]),
         "--address",
         address,
         "--submission-id",
@@ -100,7 +104,8 @@ def submit_job(address: str, submission_id: str, entry: list[str]) -> subprocess
         *entry,
     ]
     proc = subprocess.run(submit, env=ray_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -111,10 +116,23 @@ def test_training_submitted_as_a_ray_job_keeps_its_artifacts(head_node, tmp_path
     address, temp_dir = head_node
     out = tmp_path / "out"
     env = ray_env()
-    proc = submit_job(
-        address,
-        "byol-job-test",
-        ["python", "-m", "byol_ray.train", *TINY, "optim.epochs=2", f"run.output_dir={out}", "run.name=job"],
+    train = ["python", "-m", "byol_ray.train", *TINY, "optim.epochs=2", f"run.output_dir={out}", "run.name=job"]
+    submit_job(address, "byol-job-test", train, wait=False)
+    # A retried submission while the job trains: refused by the job's claim on its run, naming it.
+    deadline = time.monotonic() + 300
+    while not (out / "job" / "owner.json").exists():
+        assert time.monotonic() < deadline, "the job never claimed its run"
+        time.sleep(0.2)
+    twice = submit_job(address, "byol-job-twice", train, check=False)
+    said = twice.stdout + twice.stderr
+    assert "run.name='job'" in said and "is being trained by another driver" in said, said[-3000:]
+    assert "[train]" not in said
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "logs", "--address", address, "--follow", "byol-job-test"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     status = subprocess.run(
         [str(BIN / "ray"), "job", "status", "--address", address, "byol-job-test"],
