@@ -256,13 +256,14 @@ def test_the_command_and_key_checks_can_fail():
 
 
 # ---- the repository names nothing outside itself ------------------------------------------------
-OUTSIDE = re.compile(r"\.\./shared|/work/")
+# Spelled in pieces, so that this file does not name such a path itself and needs no exception.
+OUTSIDE = re.compile("|".join(re.escape(p) for p in ("../" + "shared", "/" + "work" + "/")))
 
 
 def test_no_tracked_file_names_a_path_outside_the_repository():
     """A user's clone has only the repository: no file may point into a folder beside it."""
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    files = [REPO / f for f in tracked.splitlines() if f != "tests/test_docs.py"]  # this file holds the pattern
+    files = [REPO / f for f in tracked.splitlines()]
     bad = [
         f"{f.relative_to(REPO)}:{i}: {line.strip()}"
         for f in files
