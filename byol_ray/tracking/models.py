@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import json
 import re
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
 from .client import client, mlflow_errors, tracking_uri_scope
+
+
+def model_requirements() -> list[str]:
+    """The pip requirements of a logged encoder, stated rather than inferred. MLflow infers them by loading
+    the model in a subprocess, which costs seconds per run; a torch.export (pt2) graph needs torch to load
+    and numpy for its input example, nothing of this package. The local build label (`+cu130`) is dropped:
+    any build of the same torch version loads the graph, and MLflow warns about a mismatch otherwise."""
+    return [f"{pkg}=={metadata.version(pkg).split('+')[0]}" for pkg in ("torch", "numpy")]
 
 
 def model_run_id(c, uri: str) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..config import Config, TrackingConfig
 from .client import client, delivery_errors, get_or_create_experiment, short_http, tracking_uri_scope
+from .models import model_requirements
 from .system_metrics import SystemMetrics
 from .uri import artifact_root, redact, resolve_tracking_uri, sqlite_path
 
@@ -236,7 +237,13 @@ class Tracker:
         # log_model has no tracking_uri or run_id argument: it logs to the fluent API's active run.
         with tracking_uri_scope(self.uri), mlflow.start_run(run_id=self.run_id):
             # pt2 (torch.export) rather than pickle: loading it back cannot run arbitrary code.
-            info = mlflow.pytorch.log_model(model, name=name, input_example=input_example, serialization_format="pt2")
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name,
+                input_example=input_example,
+                serialization_format="pt2",
+                pip_requirements=model_requirements(),
+            )
         return info.model_uri
 
     def _drop_models_of_dead_attempts(self, name: str) -> None:

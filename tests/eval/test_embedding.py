@@ -1,6 +1,6 @@
 """The encoder as a served MLflow model, in a real SQLite store: `mlflow.pyfunc.load_model(uri).predict`
-on uint8 Fashion-MNIST images returns the evaluator's features, and the model carries its signature and
-input example. And what `byol-ray embed --data` accepts and refuses, before any Ray."""
+on uint8 Fashion-MNIST images returns the evaluator's features, and the model carries its signature, its
+input example and its stated pip requirements. And what `byol-ray embed --data` accepts and refuses, before any Ray."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from byol_ray.core.model import build_encoder
 from byol_ray.data.readers import channel_stats, load_split
 from byol_ray.eval.embedding import EmbedInputError, embed_source, example_images, serving_model
 from byol_ray.eval.scoring import extract_features
-from byol_ray.tracking.models import load_model_weights
+from byol_ray.tracking.models import load_model_weights, model_requirements
 from byol_ray.tracking.tracker import Tracker
 
 
@@ -46,6 +46,12 @@ def test_the_logged_encoder_serves_the_evaluators_features(fmnist_root, tmp_path
     assert spec.type == np.dtype("uint8") and spec.shape == (-1, 1, 28, 28)
     assert info.signature.outputs.inputs[0].shape == (-1, want.shape[1])
     assert info.saved_input_example_info is not None
+    # Its pip requirements are the ones stated (mlflow adds itself), with no local build label: not inferred.
+    reqs = mlflow.pyfunc.get_model_dependencies(uri)
+    with open(reqs) as f:
+        stated = {line.strip() for line in f if line.strip()}
+    assert stated == {f"mlflow=={mlflow.__version__}", *model_requirements()}
+    assert all("+" not in r for r in stated)
     # `byol-ray eval` rebuilds the bare encoder from the served model's weights.
     again = build_encoder(cfg.model, 1)
     again.load_state_dict(load_model_weights(uri, db))
