@@ -1,6 +1,7 @@
 """Ray Tune sweeps on a real local Ray runtime with a real SQLite MLflow store: parent and child runs, the
 report read back from MLflow, collapse stopped early and marked, an interrupted sweep resumed without
-rerunning finished trials; and the sweep files' validation and the report's table logic, without Ray."""
+rerunning finished trials; and the sweep files' validation, without Ray (the report's table logic:
+tests/tracking/test_report.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ import pytest
 import yaml
 from conftest import REPO, write_sweep
 
-from byol_ray.sweep_spec import SweepError, SweepSpec, Variant, load_sweep, presets
-from byol_ray.tracking.report import ablation_table, to_markdown
+from byol_ray.sweep_spec import SweepError, load_sweep, presets
 from byol_ray.tracking.sweeps import stopped_on_purpose
 
 # Without a predictor and with tau = 0 (the target is the online network), plain SGD at a high lr
@@ -94,89 +94,6 @@ def test_unknown_preset_and_broken_yaml(tmp_path):
     bad.write_text("name: x\nvariants: [a, {b\n")
     with pytest.raises(SweepError, match="not valid YAML"):
         load_sweep(str(bad))
-
-
-# ---- the report's table ------------------------------------------------------------------------------
-def _runs(rows):
-    return pd.DataFrame(
-        [
-            {
-                "tags.byol_ray.variant": v,
-                "status": st,
-                "metrics.eval/byol/linear_top1": lin,
-                "metrics.eval/byol/knn_top1": lin - 1,
-                "tags.collapsed": col,
-            }
-            for v, st, lin, col in rows
-        ]
-    )
-
-
-def test_ablation_table_means_deltas_and_orderings():
-    spec = SweepSpec(
-        name="t",
-        ablation="t",
-        base_config="",
-        baseline="base",
-        paper_baseline=72.5,
-        variants=[
-            Variant("base", paper=72.5),
-            Variant("worse", paper=60.0),
-            Variant("same", paper=72.3),
-            Variant("flipped", paper=68.0),
-            Variant("dead", paper=0.3),
-        ],
-    )
-    runs = _runs(
-        [
-            ("base", "FINISHED", 80.0, "false"),
-            ("base", "FINISHED", 81.0, "false"),
-            ("base", "FINISHED", 82.0, "false"),
-            ("worse", "FINISHED", 70.0, "false"),
-            ("worse", "FINISHED", 71.0, "false"),
-            ("worse", "FINISHED", 72.0, "false"),
-            ("same", "FINISHED", 80.5, "false"),
-            ("same", "FINISHED", 81.5, "false"),
-            ("same", "FAILED", 10.0, "false"),
-            ("flipped", "FINISHED", 90.0, "false"),
-            ("flipped", "FINISHED", 91.0, "false"),
-            ("dead", "FINISHED", 20.0, "true"),
-            ("dead", "FINISHED", 21.0, "true"),
-            ("dead", "FINISHED", 22.0, "true"),
-        ]
-    )
-    t = ablation_table(runs, spec).set_index("variant")
-    assert t.loc["base", "linear_mean"] == pytest.approx(81.0)
-    assert t.loc["base", "linear_std"] == pytest.approx(1.0)
-    assert t.loc["worse", "delta"] == pytest.approx(-10.0)
-    assert t.loc["same", "seeds"] == 2  # the FAILED trial is left out of the numbers...
-    assert t.loc["same", "trials"] == 3  # ... but counted
-    assert t.loc["same", "linear_mean"] == pytest.approx(81.0)
-    assert t.loc["worse", "paper_delta"] == pytest.approx(-12.5)
-    assert dict(t["ordering_holds"]) == {
-        "base": "baseline",
-        "worse": "yes",
-        "same": "yes",
-        "flipped": "no",
-        "dead": "yes",
-    }
-    assert (t.loc["flipped", "ours_order"], t.loc["flipped", "paper_order"]) == ("above", "below")
-    assert t.loc["dead", "collapsed"] == 3
-    md = to_markdown(t.reset_index(), spec)
-    assert "| worse | 3 | 71.00 ± 1.00 | 70.00 ± 1.00 | -10.00 | 60.0 | -12.50 | below / below | yes | 0/3 |" in md
-
-
-def test_ablation_table_with_one_seed_says_so():
-    spec = SweepSpec(
-        name="t",
-        ablation="t",
-        base_config="",
-        baseline="a",
-        variants=[Variant("a", paper=70.0), Variant("b", paper=60.0)],
-    )
-    t = ablation_table(_runs([("a", "FINISHED", 80.0, "false"), ("b", "FINISHED", 70.0, "false")]), spec)
-    assert list(t["ordering_holds"]) == ["baseline", "n/a (needs 2+ seeds)"]
-    assert math.isnan(t.loc[0, "linear_std"])
 
 
 # ---- real Ray Tune + Ray Train + MLflow -----------------------------------------------------------------
