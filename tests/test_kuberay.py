@@ -7,8 +7,8 @@ verbatim) validates each manifest with jsonschema. Kubernetes' structural schema
 word): each manifest is also walked against the schema, and any field it does not define fails, except under
 `x-kubernetes-preserve-unknown-fields`. The schema's CEL rules (`x-kubernetes-validations`) are not evaluated.
 
-Then the project's rules: the entrypoint's command, flags and `section.key` overrides exist (the helpers
-tests/test_docs.py uses for the docs) and its config loads as the real one; the worker group that can host a
+Then the project's rules: the entrypoint's command, flags and `section.key` overrides exist (conftest's
+helpers, which check the docs' commands too) and its config loads as the real one; the worker group that can host a
 training worker spans exactly the entrypoint's elastic range (times the sweep's trials at once); checkpoints,
 the run's folder and the data are on volumes every pod mounts; MLflow is a server; the cluster is removed
 after the job; the runtime env is one Ray knows; the image's Ray is the Ray this project pins. Each rule is
