@@ -178,7 +178,8 @@ def pods(spec: dict) -> dict[str, dict]:
 
 def volume_problems(spec: dict, cfg: Config) -> list[str]:
     """The run's folder and checkpoints on a volume claim every pod mounts (checkpoints may be on a bucket
-    instead), the data on a volume every pod mounts, MLflow on a tracking server."""
+    instead), the data on a volume every pod mounts (the driver's preflight reads it on the head), MLflow on
+    a tracking server."""
     bad = []
     needs = {"run.output_dir": (cfg.run.output_dir, True), "data.root": (cfg.data.root, False)}
     if "://" not in cfg.run.storage_path:
