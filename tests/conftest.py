@@ -1,6 +1,7 @@
 """What the tests share: fixtures (one torch thread, since the cores are shared; the local Fashion-MNIST
 files; an image folder) and helpers the test modules import (`from conftest import ...`; pytest puts
-tests/ on sys.path): small configs, sweep files, image folders and ending a test's own Ray cluster.
+tests/ on sys.path): small configs, sweep files, image folders, ending a test's own Ray cluster, and
+the `byol-ray` flags and `section.key` overrides a document or a deploy manifest may show.
 
 The tests mirror the package: tests/core, tests/data, tests/eval, tests/training, tests/distributed,
 tests/tracking, tests/cli, and at the top the checks of the whole tree (architecture, docs, deploy files).
@@ -8,7 +9,9 @@ tests/tracking, tests/cli, and at the top the checks of the whole tree (architec
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ import torch
 import yaml
 from PIL import Image
 
+from byol_ray.cli import COMMANDS
 from byol_ray.config import Config, ModelConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,3 +205,72 @@ def write_checkpoint(cfg: Config, directory: Path, channels: int = 1) -> Path:
     state = TrainState(trainer.state_dict(), 1, channels, cfg.to_dict(), torch.get_rng_state())
     save_state(directory, state)
     return directory
+
+
+# ---- the commands and config keys a document or manifest shows (docs, deploy files) -----------------------
+def command_flags(cli_dir: Path) -> dict[str, set[str]]:
+    """Every `--flag` each `byol-ray` command's parser declares, read from its module's source."""
+    flags = {}
+    for command, (module, _) in COMMANDS.items():
+        tree = ast.parse((cli_dir / f"{module.rpartition('.')[2]}.py").read_text())
+        flags[command] = {"--help"} | {
+            a.value
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "add_argument"
+            for a in n.args
+            if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("--")
+        }
+    return flags
+
+
+# `byol-ray train`, `python -m byol_ray.train` / `.bench`, `python -m byol_ray.cli <command>`
+INVOCATION = re.compile(r"(?:\bbyol-ray|-m byol_ray\.cli)\s+([a-z][\w-]*)|-m byol_ray\.(train|bench)\b")
+
+
+def command_problems(snips: list[str], flags: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for s in snips:
+        s = re.split(r"\s#\s", s)[0]  # a trailing shell comment
+        calls = list(INVOCATION.finditer(s))
+        for i, m in enumerate(calls):
+            command = m.group(1) or m.group(2)
+            if command not in flags:
+                bad.append(f"`{s.strip()}`: no command byol-ray {command}")
+                continue
+            args = s[m.end() : calls[i + 1].start() if i + 1 < len(calls) else len(s)]
+            args = re.split(r"[;|]|&&", args)[0]
+            bad += [
+                f"`{s.strip()}`: byol-ray {command} has no {f}"
+                for f in re.findall(r"(?<![\w-])--[a-z][\w-]*", args)
+                if f not in flags[command]
+            ]
+    return bad
+
+
+def config_keys() -> set[str]:
+    """Every dotted config key and every prefix of one (`augment.view1` as well as its fields)."""
+    keys = set()
+    for leaf in Config().flat():
+        parts = leaf.split(".")
+        keys |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return keys
+
+
+SECTIONS = ("data", "augment", "model", "optim", "eval", "run", "tracking", "debug")
+OVERRIDE = re.compile(rf"(?<![\w./-])((?:{'|'.join(SECTIONS)})\.[a-z0-9_.]*[a-z0-9_])=")
+DOTTED = re.compile(rf"((?:{'|'.join(SECTIONS)})\.[a-z0-9_.]*[a-z0-9_])")
+
+
+def key_problems(snips: list[str], keys: set[str], package: Path) -> list[str]:
+    """`section.key=value` overrides, and code spans that are a bare `section.key`, naming no config
+    key. A bare span naming a module or file (`eval.scoring.evaluate_encoders`, `model.py`) is left alone."""
+    bad = []
+    for s in snips:
+        found = OVERRIDE.findall(s)
+        bare = DOTTED.fullmatch(s.strip())
+        if bare:
+            first, second = bare.group(1).split(".")[:2]
+            if second != "py" and not (package / first / f"{second}.py").exists():
+                found.append(bare.group(1))
+        bad += [f"`{s.strip()}`: no config key {k}" for k in found if k not in keys]
+    return bad

@@ -15,8 +15,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from byol_ray.cli import COMMANDS
-from byol_ray.config import Config
+from conftest import command_flags, command_problems, config_keys, key_problems
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "byol_ray"
@@ -154,74 +153,6 @@ def snippets(text: str) -> list[str]:
     prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
     out += re.findall(r"`([^`\n]+)`", prose)
     return out
-
-
-def command_flags(cli_dir: Path) -> dict[str, set[str]]:
-    """Every `--flag` each `byol-ray` command's parser declares, read from its module's source."""
-    flags = {}
-    for command, (module, _) in COMMANDS.items():
-        tree = ast.parse((cli_dir / f"{module.rpartition('.')[2]}.py").read_text())
-        flags[command] = {"--help"} | {
-            a.value
-            for n in ast.walk(tree)
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "add_argument"
-            for a in n.args
-            if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("--")
-        }
-    return flags
-
-
-# `byol-ray train`, `python -m byol_ray.train` / `.bench`, `python -m byol_ray.cli <command>`
-INVOCATION = re.compile(r"(?:\bbyol-ray|-m byol_ray\.cli)\s+([a-z][\w-]*)|-m byol_ray\.(train|bench)\b")
-
-
-def command_problems(snips: list[str], flags: dict[str, set[str]]) -> list[str]:
-    bad = []
-    for s in snips:
-        s = re.split(r"\s#\s", s)[0]  # a trailing shell comment
-        calls = list(INVOCATION.finditer(s))
-        for i, m in enumerate(calls):
-            command = m.group(1) or m.group(2)
-            if command not in flags:
-                bad.append(f"`{s.strip()}`: no command byol-ray {command}")
-                continue
-            args = s[m.end() : calls[i + 1].start() if i + 1 < len(calls) else len(s)]
-            args = re.split(r"[;|]|&&", args)[0]
-            bad += [
-                f"`{s.strip()}`: byol-ray {command} has no {f}"
-                for f in re.findall(r"(?<![\w-])--[a-z][\w-]*", args)
-                if f not in flags[command]
-            ]
-    return bad
-
-
-def config_keys() -> set[str]:
-    """Every dotted config key and every prefix of one (`augment.view1` as well as its fields)."""
-    keys = set()
-    for leaf in Config().flat():
-        parts = leaf.split(".")
-        keys |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-    return keys
-
-
-SECTIONS = ("data", "augment", "model", "optim", "eval", "run", "tracking", "debug")
-OVERRIDE = re.compile(rf"(?<![\w./-])((?:{'|'.join(SECTIONS)})\.[a-z0-9_.]*[a-z0-9_])=")
-DOTTED = re.compile(rf"((?:{'|'.join(SECTIONS)})\.[a-z0-9_.]*[a-z0-9_])")
-
-
-def key_problems(snips: list[str], keys: set[str], package: Path) -> list[str]:
-    """`section.key=value` overrides, and code spans that are a bare `section.key`, naming no config
-    key. A bare span naming a module or file (`eval.scoring.evaluate_encoders`, `model.py`) is left alone."""
-    bad = []
-    for s in snips:
-        found = OVERRIDE.findall(s)
-        bare = DOTTED.fullmatch(s.strip())
-        if bare:
-            first, second = bare.group(1).split(".")[:2]
-            if second != "py" and not (package / first / f"{second}.py").exists():
-                found.append(bare.group(1))
-        bad += [f"`{s.strip()}`: no config key {k}" for k in found if k not in keys]
-    return bad
 
 
 def test_documented_commands_and_flags_exist():
