@@ -207,7 +207,7 @@ def test_ablation_table_with_one_seed_says_so():
 
 # ---- real Ray Tune + Ray Train + MLflow -----------------------------------------------------------------
 @pytest.mark.ray
-def test_tiny_sweep_logs_parent_children_report_and_stops_collapse(tmp_path, fmnist_root):
+def test_tiny_sweep_logs_parent_children_report_and_stops_collapse(tmp_path, fmnist_root, capsys):
     import ray
 
     from byol_ray.distributed.sweep import run_sweep
@@ -223,6 +223,7 @@ def test_tiny_sweep_logs_parent_children_report_and_stops_collapse(tmp_path, fmn
         report = run_sweep(spec, ["eval.collapse_std=0.1"])
     finally:
         ray.shutdown()
+    assert "= 2 trials, 2 at a time; MLflow" in capsys.readouterr().out  # 1-CPU workers on 2 CPUs, no GPU
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["byol-ray"])
