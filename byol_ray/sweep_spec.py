@@ -115,16 +115,17 @@ class SweepSpec:
         """base file <- sweep overrides <- command-line overrides <- the variant's settings <- seed and name.
 
         The variant comes after the command line so that a global override (e.g. run.output_dir=...) can
-        never silently undo what the row is an ablation of.
+        never silently undo what the row is an ablation of. Every layer here also wins over the base file's
+        `on_gpu` recipe (`Config.override`), as the command line does for `byol-ray train`.
         """
         v = self.variant(variant)
         try:
             cfg = load_config(self.base_config, [])
-            cfg = cfg.replace(self.overrides)
-            cfg = cfg.replace(dict(parse_override(o) for o in cli_overrides))
-            cfg = cfg.replace(v.set)
+            cfg = cfg.override(self.overrides)
+            cfg = cfg.override(dict(parse_override(o) for o in cli_overrides))
+            cfg = cfg.override(v.set)
             name = "-".join(x for x in (self.name, instance, v.slug, f"s{seed}") if x)
-            cfg = cfg.replace(
+            cfg = cfg.override(
                 {
                     "run.seed": seed,
                     "run.name": name,

@@ -11,14 +11,17 @@
 #   4. quality: Fashion-MNIST pretraining in-process (loop.pretrain) with the ResNet-18 of step 2 and the
 #      final evaluation (linear probe, kNN, untrained encoder, raw pixels): time-budgeted with
 #      optim.time_budget_minutes when the config has it, else GPU_CHECK_QUALITY_EPOCHS epochs;
-#   5. with GPU_CHECK_FULL=1 also: ResNet-18 with compiled networks inside the graph (compile_mode=step),
+#   5. packing: four trainings of experiments/fmnist.yaml's GPU recipe (on_gpu) at once on the one GPU, as
+#      plain processes (as a sweep packs its trials with run.gpus_per_worker=0.25), each one's images/s
+#      against the same training alone (experiments/gpu_packing_check.py);
+#   6. with GPU_CHECK_FULL=1 also: ResNet-18 with compiled networks inside the graph (compile_mode=step),
 #      ResNet-18 with the two views in one forward pass (model.separate_view_forward=false), ResNet-50
 #      in fp32, ResNet-50 on a streamed folder of real JPEGs (generated here), a Ray Train run (1 GPU).
 #
 #   experiments/gpu_check.sh [OUTPUT_DIR]          # default: $OUT if set, else outputs/gpu_check
 #
 # Fashion-MNIST (the four IDX .gz files) is read from $FMNIST_ROOT, else data/fashion-mnist in this
-# checkout (git-ignored), else /usr/share/datasets/fashion-mnist; without it step 4 is skipped.
+# checkout (git-ignored), else /usr/share/datasets/fashion-mnist; without it steps 4 and 5 are skipped.
 # Each step writes <step>.json (and <step>.log) under OUTPUT_DIR; a failed step does not stop the others;
 # summary.json lists each step's exit code (77 = skipped). Nothing is installed or downloaded: it uses
 # .venv/bin/python if present, else $PYTHON, else python3, with this checkout on PYTHONPATH.
@@ -94,6 +97,15 @@ else
     run_step quality_fmnist 330 "$PY" experiments/fmnist_quality.py "$OUTDIR/quality_fmnist.json" "${QUALITY[@]}"
 fi
 
+# Packing: the GPU recipe as a sweep trial gets it, a fixed number of steps instead of its time budget.
+if [[ -z "$FMNIST" ]]; then
+    skip_step packing_4_per_gpu "no Fashion-MNIST files (set FMNIST_ROOT or lay them in data/fashion-mnist)"
+else
+    run_step packing_4_per_gpu 240 "$PY" experiments/gpu_packing_check.py "$OUTDIR/packing_4_per_gpu.json" \
+        --config experiments/fmnist.yaml --copies 4 data.root="$FMNIST" optim.time_budget_minutes=0 optim.epochs=5 \
+        optim.steps_per_epoch=60 eval.final=false eval.knn_every=0 run.log_every=1000
+fi
+
 if [[ "${GPU_CHECK_FULL:-0}" == 1 ]]; then
     run_step bench_resnet18_32_bf16_step 300 "${BENCH[@]}" "${R18[@]}" run.compile=true run.compile_mode=step \
         --json "$OUTDIR/bench_resnet18_32_bf16_step.json"
@@ -154,7 +166,7 @@ EOF
     fi
 fi
 
-# The headline figures of every bench that ran, one line each.
+# The headline figures of every bench and packing step that ran, one line each.
 "$PY" - "$OUTDIR" <<'EOF' | tee "$OUTDIR/figures.txt" || true
 import json, sys
 from pathlib import Path
@@ -164,6 +176,11 @@ for f in sorted(Path(sys.argv[1]).glob("bench_*.json")):
     print(f"{f.stem}: step {r['byol_step']['images_per_s']:,.0f} img/s, bare {r['bare_fwd_bwd']['images_per_s']:,.0f} img/s, "
           f"step/bare {r['byol_over_bare']:.3f}, augmentation {r['augmentation']['batched_images_per_s']:,.0f} img/s, "
           f"ops/syncs per step {d.get('step_ops')}/{d.get('step_syncs')}, per views call {d.get('augmentation_ops')}/{d.get('augmentation_syncs')}")
+for f in sorted(Path(sys.argv[1]).glob("packing_*.json")):
+    r = json.loads(f.read_text())
+    print(f"{f.stem}: {r['copies']} at once {', '.join(f'{x:,.0f}' for x in r['images_per_s_each'])} img/s each "
+          f"({r['images_per_s_sum']:,.0f} in all, {r['sum_over_alone']:.2f}x), alone {r['images_per_s_alone']:,.0f} img/s"
+          + ("" if r["overlapped"] else " (not all epochs overlapped)"))
 EOF
 
 {

@@ -31,10 +31,11 @@ What a run uses, in the order the layers apply (a later one wins):
    ``experiments/fingerprint.py``, ``experiments/fmnist_quality.py``, tests that call
    `training.loop.pretrain` directly): they train on the config as loaded.
 
-Every later `Config.from_dict` or `Config.replace` validates its result with the same rules (the recipe
-above, a sweep's layers, each worker rebuilding the driver's config). `Config.replace` sets keys without
-touching `on_gpu`, so the layers a sweep adds that way (``sweep_spec.SweepSpec.trial_config``: the sweep's
-overrides, its command line, the variant, seed and name) do not win over a base config's `on_gpu` on GPUs.
+Every later `Config.from_dict`, `Config.replace` or `Config.override` validates its result with the same
+rules (the recipe above, a sweep's layers, each worker rebuilding the driver's config). `Config.replace`
+sets keys without touching `on_gpu`; `Config.override` also drops each key from `on_gpu`, as the command
+line does, so the layers a sweep adds with it (``sweep_spec.SweepSpec.trial_config``: the sweep's
+overrides, its command line, the variant, seed and name) win over a base config's `on_gpu` on GPUs too.
 """
 
 from .gpu_recipe import apply_gpu_recipe

@@ -36,6 +36,21 @@ class Config(ConfigFields):
             set_dotted(d, k, v)
         return Config.from_dict(d)
 
+    def override(self, overrides: dict[str, Any]) -> Config:
+        """A new validated config with a layer above the YAML file applied (the command line's, a sweep's):
+        like `replace`, and each key also leaves the `on_gpu` recipe, so the layer wins on GPUs too."""
+        d = self.to_dict()
+        for k, v in overrides.items():
+            _set_over_recipe(d, k, v)
+        return Config.from_dict(d)
+
+
+def _set_over_recipe(d: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key of a config's dict and drop it from its GPU recipe: a layer above the file wins."""
+    set_dotted(d, key, value)
+    if isinstance(d.get("on_gpu"), dict):
+        d["on_gpu"].pop(key, None)
+
 
 def parse_override(text: str) -> tuple[str, Any]:
     """'optim.epochs=3' -> ('optim.epochs', 3); values are parsed as YAML scalars/lists."""
@@ -89,10 +104,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if path:
         _merge(d, load_yaml(path), "")
     for o in overrides or []:
-        k, v = parse_override(o)
-        set_dotted(d, k, v)
-        if isinstance(d.get("on_gpu"), dict):
-            d["on_gpu"].pop(k, None)  # a key given on the command line wins over the GPU recipe
+        _set_over_recipe(d, *parse_override(o))  # a key given on the command line wins over the GPU recipe
     return Config.from_dict(d)
 
 

@@ -22,6 +22,7 @@ from .schema import (
     TAU_SCHEDULES,
     ConfigError,
     ConfigFields,
+    RunConfig,
     ViewConfig,
 )
 
@@ -155,6 +156,7 @@ def _validate_fields(cfg: ConfigFields) -> None:
     _check(r.num_workers >= 1, "run.num_workers", f"must be >= 1, got {r.num_workers}")
     _check(r.cpus_per_worker > 0, "run.cpus_per_worker", "must be > 0")
     _check(r.gpus_per_worker >= 0, "run.gpus_per_worker", "must be >= 0")
+    _check_gpu_share(r)
     _check(
         not (r.device == "cpu" and r.gpus_per_worker > 0),
         "run.gpus_per_worker",
@@ -183,6 +185,31 @@ def _validate_fields(cfg: ConfigFields) -> None:
             f"{r.compile_mode} records one process's step as a CUDA graph, without DDP's gradient all-reduce: "
             f"set run.num_workers=1 (one GPU), or run.compile_mode=networks",
         )
+
+
+def most_workers(r: RunConfig) -> int:
+    """The most Ray Train workers the run may have at once: what a rule that depends on the worker count
+    must hold for."""
+    return r.num_workers
+
+
+def _check_gpu_share(r: RunConfig) -> None:
+    """A GPU is shared in fractions below 1 (Ray's rule), and only by runs of one worker each."""
+    g = r.gpus_per_worker
+    _check(
+        g <= 1 or float(g).is_integer(),
+        "run.gpus_per_worker",
+        f"{g:g} GPUs per worker: Ray shares a GPU only in fractions below 1; ask for a fraction below 1 "
+        f"(several runs on one GPU) or a whole number of GPUs",
+    )
+    _check(
+        not (0 < g < 1 and most_workers(r) > 1),
+        "run.gpus_per_worker",
+        f"a fraction of a GPU ({g:g}) needs run.num_workers=1, got {most_workers(r)}: with fractions Ray may "
+        f"place two workers of the run on one GPU, and NCCL cannot put two ranks of one group (the run's "
+        f"workers) on the same GPU. Give each worker whole GPUs, or pack several one-worker runs per GPU (a "
+        f"sweep does)",
+    )
 
 
 def _check(cond: bool, name: str, msg: str) -> None:

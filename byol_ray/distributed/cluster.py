@@ -142,7 +142,8 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     return resources
 
 
-def _live_nodes() -> list[dict[str, float]]:
+def live_nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the connected cluster."""
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
@@ -155,21 +156,37 @@ def this_machine() -> list[dict[str, float]]:
     return [{"CPU": float(get_num_cpus()), "GPU": float(torch.cuda.device_count())}]
 
 
+def workers_per_gpu(gpus_per_worker: float) -> int:
+    """How many workers asking `gpus_per_worker` (a fraction below 1) one GPU holds: floor(1 / fraction)."""
+    return int(1 / gpus_per_worker + 1e-9)
+
+
+def _fit(have: float, need: float) -> int:
+    return int(have / need + 1e-9)  # a division, not //: 1.0 // 0.1 is 9.0 in floating point
+
+
 def _node_capacities(cfg: Config, nodes: list[dict[str, float]]) -> list[tuple[float, float, int]]:
-    """(CPUs, GPUs, workers that fit) for each node; a worker cannot span nodes."""
+    """(CPUs, GPUs, workers that fit) for each node; a worker cannot span nodes, and a worker with a
+    fraction of a GPU cannot span GPUs (Ray gives each fraction from one GPU)."""
     need_gpu = worker_resources(cfg).get("GPU", 0.0)
     out = []
     for res in nodes:
         cpu, gpu = res.get("CPU", 0.0), res.get("GPU", 0.0)
-        by_cpu = int(cpu // cfg.run.cpus_per_worker + 1e-9)
-        by_gpu = int(gpu // need_gpu + 1e-9) if need_gpu else by_cpu
+        by_cpu = _fit(cpu, cfg.run.cpus_per_worker)
+        if not need_gpu:
+            by_gpu = by_cpu
+        elif need_gpu < 1:
+            by_gpu = _fit(gpu, 1.0) * workers_per_gpu(need_gpu)
+        else:
+            by_gpu = _fit(gpu, need_gpu)
         out.append((cpu, gpu, min(by_cpu, by_gpu)))
     return out
 
 
-def worker_capacity(cfg: Config) -> int:
-    """How many of this config's workers the connected cluster holds at once."""
-    return sum(fit for _, _, fit in _node_capacities(cfg, _live_nodes()))
+def worker_capacity(cfg: Config, nodes: list[dict[str, float]] | None = None) -> int:
+    """How many of this config's workers the cluster (`nodes`; default: the connected cluster's live
+    nodes) holds at once."""
+    return sum(fit for _, _, fit in _node_capacities(cfg, live_nodes() if nodes is None else nodes))
 
 
 def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) -> None:
@@ -178,7 +195,7 @@ def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) ->
     r = cfg.run
     need_gpu = worker_resources(cfg).get("GPU", 0.0)
     local = nodes is not None
-    caps = _node_capacities(cfg, _live_nodes() if nodes is None else nodes)
+    caps = _node_capacities(cfg, live_nodes() if nodes is None else nodes)
     fit = sum(f for _, _, f in caps)
     if fit < r.num_workers:
         total_cpu = sum(c for c, _, _ in caps)
@@ -209,7 +226,7 @@ def training_device(cfg: Config) -> str:
     if cfg.run.device != "auto":
         return cfg.run.device
     connect(cfg.run.address)
-    return "cuda" if any(r.get("GPU", 0) > 0 for r in _live_nodes()) else "cpu"
+    return "cuda" if any(r.get("GPU", 0) > 0 for r in live_nodes()) else "cpu"
 
 
 def reserve_worker_group(cfg: Config) -> None:
@@ -227,7 +244,7 @@ def run_remote(fn: Callable[[Any], Any], arg: Any, address: str, cpus: float, gp
         check_address(address)
     started = connect(address)
     try:
-        if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in _live_nodes()):
+        if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in live_nodes()):
             raise ResourceError(
                 f"no node of the Ray cluster has {cpus:g} CPUs"
                 + (f" and {gpus:g} GPUs" if gpus else "")

@@ -20,12 +20,19 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from ..config import Config
+from ..config import Config, apply_gpu_recipe
 from ..errors import UserError
 from ..sweep_spec import SweepSpec
 from ..tracking.report import build_report
 from ..tracking.sweeps import finished_trial_metrics, open_parent, settle_children, trial_run_name, trial_tags
-from .cluster import reserve_worker_group, worker_capacity
+from .cluster import (
+    live_nodes,
+    reserve_worker_group,
+    training_device,
+    worker_capacity,
+    worker_resources,
+    workers_per_gpu,
+)
 from .driver import run_training
 from .preflight import preflight, storage_path
 
@@ -61,9 +68,29 @@ def trial_fn(
     )
 
 
-def max_concurrent_trials(cfg: Config) -> int:
-    """As many trials as the cluster holds worker groups at once (at least 1)."""
-    return max(1, worker_capacity(cfg) // cfg.run.num_workers)
+def max_concurrent_trials(cfg: Config, nodes: list[dict[str, float]] | None = None) -> int:
+    """As many trials as the cluster (`nodes`; default: the connected cluster's live nodes) holds at once, at
+    least 1: its worker groups (CPUs, GPUs: floor(1 / run.gpus_per_worker) one-worker trials per GPU with
+    a fraction each) and the trials' own drivers (memory). `cfg` is the config the trials' workers get
+    (with the GPU recipe applied on GPUs)."""
+    nodes = live_nodes() if nodes is None else nodes
+    groups = worker_capacity(cfg, nodes) // cfg.run.num_workers
+    drivers = sum(int(n.get("memory", 0) // TRIAL_DRIVER_RESOURCES["memory"]) for n in nodes)
+    return max(1, min(groups, drivers))
+
+
+def describe_devices(cfg: Config, device: str, nodes: list[dict[str, float]] | None = None) -> str:
+    """How the trials use the cluster's GPUs, for the sweep's start line ('' on CPUs)."""
+    if device != "cuda":
+        return ""
+    nodes = live_nodes() if nodes is None else nodes
+    gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    g = worker_resources(cfg)["GPU"]
+    if g < 1:
+        share = f"{workers_per_gpu(g)} trials per GPU (run.gpus_per_worker={g:g})"
+    else:
+        share = f"{g * cfg.run.num_workers:g} GPU(s) per trial"
+    return f"{share} on {gpus:g} GPU(s), GPU recipe (on_gpu) applied"
 
 
 def run_sweep(
@@ -96,14 +123,18 @@ def run_sweep(
     }
     tags = {trial_key(v.name, s): trial_tags(spec, v.name, s) for v in spec.variants for s in spec.seeds}
     try:
-        reserve_worker_group(base)
+        # What the trials' workers get: each trial's driver applies the GPU recipe the same way.
+        device = training_device(base)
+        workers = apply_gpu_recipe(base, device)
+        reserve_worker_group(workers)
         if base.run.autoscaling:
             concurrency = max_concurrent or len(trials_cfg)
         else:
-            concurrency = max_concurrent or max_concurrent_trials(base)
+            concurrency = max_concurrent or max_concurrent_trials(workers)
+        devices = describe_devices(workers, device)
         print(
             f"[sweep] {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = {len(trials_cfg)} "
-            f"trials, {concurrency} at a time; MLflow {uri}",
+            f"trials, {concurrency} at a time{': ' + devices if devices else ''}; MLflow {uri}",
             flush=True,
         )
 

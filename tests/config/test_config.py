@@ -190,6 +190,25 @@ def test_the_gpu_recipe_applies_on_gpus_only_and_the_command_line_wins_over_it(t
     assert (cfg.model.width, cfg.run.device) == (16, "auto")  # original untouched
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["run.gpus_per_worker=0.5", "run.num_workers=2", "optim.batch_size=8"], "NCCL cannot put two ranks"),
+        (["run.gpus_per_worker=1.5"], "Ray shares a GPU only in fractions below 1"),
+        (["run.gpus_per_worker=2.25", "run.num_workers=1"], "Ray shares a GPU only in fractions below 1"),
+    ],
+)
+def test_a_gpu_is_shared_in_fractions_below_1_by_one_worker_runs_only(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=r"run\.gpus_per_worker.*" + message):
+        load_config(None, overrides)
+    # The same rules hold for the GPU recipe, checked at load time on a CPU machine too.
+    recipe = write(tmp_path, "on_gpu: {run.gpus_per_worker: 0.25}\n")
+    with pytest.raises(ConfigError, match=r"on_gpu.*NCCL cannot put two ranks"):
+        load_config(recipe, ["run.num_workers=2"])
+    for ok in (["run.gpus_per_worker=0.25"], ["run.gpus_per_worker=2", "run.num_workers=2"], ["run.gpus_per_worker=1"]):
+        load_config(None, ok)
+
+
 # ---- error paths --------------------------------------------------------------------------------
 # (id, how the bad value is given, payload, a field name the message must contain)
 ERRORS = [

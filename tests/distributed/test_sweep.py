@@ -19,6 +19,7 @@ import pytest
 import yaml
 from conftest import REPO, write_sweep
 
+from byol_ray.config import apply_gpu_recipe
 from byol_ray.sweep_spec import SweepError, load_sweep, presets
 from byol_ray.tracking.sweeps import stopped_on_purpose
 
@@ -87,6 +88,31 @@ def test_bad_sweep_files_fail_with_the_key_named(tmp_path, fmnist_root, mutate, 
         load_sweep(str(path))
 
 
+def test_a_sweeps_layers_win_over_the_base_configs_gpu_recipe(tmp_path, fmnist_root):
+    path = write_sweep(
+        tmp_path,
+        [{"name": "a"}, {"name": "b", "set": {"optim.tau_base": 0.5}}],
+        fmnist_root=fmnist_root,
+        overrides={"model.width": 8},
+    )
+    base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    base["on_gpu"] = {
+        "optim.tau_base": 0.99,  # the variant's key
+        "model.width": 64,  # the sweep's overrides
+        "optim.epochs": 9,  # the command line's
+        "run.seed": 7,  # the seed layer's
+        "run.precision": "bf16",  # in no layer: the recipe's value holds
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = load_sweep(str(path), ["optim.epochs=2"])
+    cfg = spec.trial_config("b", 3, ["optim.epochs=2"])
+    gpu = apply_gpu_recipe(cfg, "cuda")
+    assert (gpu.optim.tau_base, gpu.model.width, gpu.optim.epochs, gpu.run.seed) == (0.5, 8, 2, 3)
+    assert (gpu.run.precision, gpu.run.device) == ("bf16", "cuda")
+    baseline = apply_gpu_recipe(spec.trial_config("a", 0, ["optim.epochs=2"]), "cuda")
+    assert baseline.optim.tau_base == 0.99  # a key no layer of this trial sets keeps the recipe's value
+
+
 def test_unknown_preset_and_broken_yaml(tmp_path):
     with pytest.raises(SweepError, match="unknown sweep preset 'tua'.*tau"):
         load_sweep("tua")
@@ -98,7 +124,7 @@ def test_unknown_preset_and_broken_yaml(tmp_path):
 
 # ---- real Ray Tune + Ray Train + MLflow -----------------------------------------------------------------
 @pytest.mark.ray
-def test_tiny_sweep_logs_parent_children_report_and_stops_collapse(tmp_path, fmnist_root):
+def test_tiny_sweep_logs_parent_children_report_and_stops_collapse(tmp_path, fmnist_root, capsys):
     import ray
 
     from byol_ray.distributed.sweep import run_sweep
@@ -114,6 +140,7 @@ def test_tiny_sweep_logs_parent_children_report_and_stops_collapse(tmp_path, fmn
         report = run_sweep(spec, ["eval.collapse_std=0.1"])
     finally:
         ray.shutdown()
+    assert "= 2 trials, 2 at a time; MLflow" in capsys.readouterr().out  # 1-CPU workers on 2 CPUs, no GPU
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["byol-ray"])
