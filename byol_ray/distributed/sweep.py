@@ -28,6 +28,7 @@ from ..tracking.sweeps import finished_trial_metrics, open_parent, settle_childr
 from .cluster import reserve_worker_group, worker_capacity
 from .driver import run_training
 from .preflight import preflight, storage_path
+from .sweep_plan import max_epochs, score_untrained_seeds, sweep_plan
 
 # The trial function only waits on its Ray Train run. Tune cannot schedule it on nothing, and any CPU
 # share (even the 0.01 often suggested) leaves a 2-CPU node 1.98 CPUs: one 1-CPU worker group fewer than
@@ -89,14 +90,16 @@ def run_sweep(
 
     # Names carry the parent run's id: a --fresh sweep never resumes the old sweep's Ray Train runs.
     instance = tracker.run_id[:8]
-    trials_cfg = {
-        trial_key(v.name, s): spec.trial_config(v.name, s, cli_overrides, instance=instance)
-        for v in spec.variants
-        for s in spec.seeds
-    }
     tags = {trial_key(v.name, s): trial_tags(spec, v.name, s) for v in spec.variants for s in spec.seeds}
     try:
         reserve_worker_group(base)
+        plan = sweep_plan(spec, cli_overrides, tracker)  # the steps every trial trains, fixed once
+        trials_cfg = {
+            trial_key(v.name, s): plan.trial_config(spec.trial_config(v.name, s, cli_overrides, instance=instance))
+            for v in spec.variants
+            for s in spec.seeds
+        }
+        score_untrained_seeds(spec, cli_overrides, tracker)
         if base.run.autoscaling:
             concurrency = max_concurrent or len(trials_cfg)
         else:
@@ -124,7 +127,7 @@ def run_sweep(
                 time_attr="epoch",
                 metric=spec.asha.metric,
                 mode="max",
-                max_t=base.optim.epochs + 1,
+                max_t=max_epochs(list(trials_cfg.values())) + 1,
                 grace_period=spec.asha.grace_epochs,
                 reduction_factor=spec.asha.reduction_factor,
             )
