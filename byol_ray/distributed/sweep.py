@@ -2,10 +2,11 @@
 
 Every trial is a full Ray Train run (the same `driver.run_training` as `byol-ray train`), started from a
 Tune function trainable: the pattern Ray 2.60 supports (``Tuner(trainer)`` is deprecated). Each trial is
-an MLflow child run of one parent run per sweep. Rerunning the same command resumes the sweep: Tune
-restores its experiment, finished trials are not rerun, and an interrupted trial resumes its Ray Train
-run from its last checkpoint and continues its MLflow run. At the end the ablation table is built
-(``tracking/report.py``), printed, and logged to the parent run.
+an MLflow child run of one parent run per sweep. Before the trials, the sweep fixes the steps every trial
+trains and scores each seed's untrained encoder once (``sweep_plan.py``). Rerunning the same command
+resumes the sweep: Tune restores its experiment, finished trials are not rerun, and an interrupted trial
+resumes its Ray Train run from its last checkpoint and continues its MLflow run. At the end the ablation
+table is built (``tracking/report.py``), printed, and logged to the parent run.
 """
 
 from __future__ import annotations
