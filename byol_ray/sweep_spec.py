@@ -10,8 +10,14 @@ A sweep file (``experiments/sweeps/<preset>.yaml``, or any YAML of the same shap
     baseline: cosine                   # the row every delta is measured against
     paper_baseline: 72.5               # the paper's number for the baseline row
     asha: {enabled: false, metric: online_probe_acc, grace_epochs: 1, reduction_factor: 2}
+    steps: 1200                        # optional: the baseline's optimiser steps, for every trial
+    hold: steps                        # or images: each variant's steps = steps x baseline batch / its batch
     variants:
       - {name: "tau=0", set: {optim.tau_base: 0.0, optim.tau_schedule: constant}, paper: 0.3}
+
+Without `steps:` the sweep plans its steps once, before the trials: from one warm-up when the trials have
+a time budget, else from the baseline's `optim.epochs` (``distributed/sweep_plan.py``). Every trial then
+trains exactly its share of that one figure, so rows differ only by their variant.
 
 Everything is checked when the file is loaded, including every trial's full config, so a typo fails
 in a second with the variant's name in the message, before Ray starts.
@@ -43,7 +49,10 @@ _TOP_KEYS = {
     "asha",
     "variants",
     "description",
+    "steps",
+    "hold",
 }
+HOLDS = ("steps", "images")
 _VARIANT_KEYS = {"name", "set", "paper", "note"}
 _ASHA_KEYS = {"enabled", "metric", "grace_epochs", "reduction_factor"}
 
@@ -85,6 +94,8 @@ class SweepSpec:
     asha: Asha = field(default_factory=Asha)
     description: str = ""
     source: str = ""
+    steps: int = 0  # the baseline's optimiser steps; 0 = planned when the sweep starts
+    hold: str = "steps"  # what every variant keeps equal to the baseline: "steps" or "images"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -242,6 +253,18 @@ def load_sweep(name_or_path: str, cli_overrides: list[str] | None = None) -> Swe
     if asha.grace_epochs < 1 or asha.reduction_factor < 2:
         raise SweepError(f"{where}: asha needs grace_epochs >= 1 and reduction_factor >= 2")
 
+    steps = raw.get("steps", 0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < ("steps" in raw):
+        raise SweepError(
+            f"{where}: steps must be a whole number of optimiser steps >= 1 (or left out to plan them), got {steps!r}"
+        )
+    hold = str(raw.get("hold", "steps"))
+    if hold not in HOLDS:
+        raise SweepError(
+            f"{where}: hold {hold!r} must be steps (every variant trains the same optimiser steps) or images "
+            f"(the same images: steps scale with 1 / batch size)"
+        )
+
     pb = raw.get("paper_baseline")
     spec = SweepSpec(
         name=name,
@@ -255,6 +278,8 @@ def load_sweep(name_or_path: str, cli_overrides: list[str] | None = None) -> Swe
         asha=asha,
         description=str(raw.get("description", "")),
         source=str(path),
+        steps=steps,
+        hold=hold,
     )
     for v in variants:  # every trial's config, validated now
         spec.trial_config(v.name, seeds[0], cli_overrides or [])

@@ -52,6 +52,9 @@ class RecordingTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         self.params.update(params)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.params.update({f"tag:{k}": v for k, v in tags.items()})
+
 
 def tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()

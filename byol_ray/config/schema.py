@@ -151,6 +151,9 @@ class OptimConfig:
     # when the budget does (training/plan.py). 0 = no budget. With both, the smaller of `epochs` and what
     # fits the budget wins.
     time_budget_minutes: float = 0.0
+    # Exactly this many optimiser steps, in place of `epochs` (the last epoch may stop part-way): a plan
+    # fixed before the run, as a sweep fixes one for all its trials. 0 = `epochs` or the time budget.
+    total_steps: int = 0
     grad_clip: float = 0.0
 
 

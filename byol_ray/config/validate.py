@@ -135,6 +135,13 @@ def _validate_fields(cfg: ConfigFields) -> None:
     _check(o.steps_per_epoch >= 0, "optim.steps_per_epoch", "must be >= 0 (0 = full epoch)")
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
     _check(o.time_budget_minutes >= 0, "optim.time_budget_minutes", "must be >= 0 (0 = no budget)")
+    _check(o.total_steps >= 0, "optim.total_steps", "must be >= 0 (0 = optim.epochs or the time budget decides)")
+    _check(
+        not (o.total_steps and o.time_budget_minutes),
+        "optim.total_steps",
+        f"fixes the steps ({o.total_steps}) while optim.time_budget_minutes={o.time_budget_minutes:g} would plan "
+        f"them from a warm-up; set one of the two to 0",
+    )
 
     e = cfg.eval
     _check(e.knn_k >= 1, "eval.knn_k", "must be >= 1")

@@ -2,10 +2,11 @@
 
 Every trial is a full Ray Train run (the same `driver.run_training` as `byol-ray train`), started from a
 Tune function trainable: the pattern Ray 2.60 supports (``Tuner(trainer)`` is deprecated). Each trial is
-an MLflow child run of one parent run per sweep. Rerunning the same command resumes the sweep: Tune
-restores its experiment, finished trials are not rerun, and an interrupted trial resumes its Ray Train
-run from its last checkpoint and continues its MLflow run. At the end the ablation table is built
-(``tracking/report.py``), printed, and logged to the parent run.
+an MLflow child run of one parent run per sweep. Before the trials, the sweep fixes the steps every trial
+trains and scores each seed's untrained encoder once (``sweep_plan.py``). Rerunning the same command
+resumes the sweep: Tune restores its experiment, finished trials are not rerun, and an interrupted trial
+resumes its Ray Train run from its last checkpoint and continues its MLflow run. At the end the ablation
+table is built (``tracking/report.py``), printed, and logged to the parent run.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .cluster import (
 )
 from .driver import run_training
 from .preflight import preflight, storage_path
+from .sweep_plan import max_epochs, score_untrained_seeds, sweep_plan
 
 # The trial function only waits on its Ray Train run. Tune cannot schedule it on nothing, and any CPU
 # share (even the 0.01 often suggested) leaves a 2-CPU node 1.98 CPUs: one 1-CPU worker group fewer than
@@ -116,17 +118,19 @@ def run_sweep(
 
     # Names carry the parent run's id: a --fresh sweep never resumes the old sweep's Ray Train runs.
     instance = tracker.run_id[:8]
-    trials_cfg = {
-        trial_key(v.name, s): spec.trial_config(v.name, s, cli_overrides, instance=instance)
-        for v in spec.variants
-        for s in spec.seeds
-    }
     tags = {trial_key(v.name, s): trial_tags(spec, v.name, s) for v in spec.variants for s in spec.seeds}
     try:
         # What the trials' workers get: each trial's driver applies the GPU recipe the same way.
         device = training_device(base)
         workers = apply_gpu_recipe(base, device)
         reserve_worker_group(workers)
+        plan = sweep_plan(spec, cli_overrides, tracker)  # the steps every trial trains, fixed once
+        trials_cfg = {
+            trial_key(v.name, s): plan.trial_config(spec.trial_config(v.name, s, cli_overrides, instance=instance))
+            for v in spec.variants
+            for s in spec.seeds
+        }
+        score_untrained_seeds(spec, cli_overrides, tracker)
         if base.run.autoscaling:
             concurrency = max_concurrent or len(trials_cfg)
         else:
@@ -155,7 +159,7 @@ def run_sweep(
                 time_attr="epoch",
                 metric=spec.asha.metric,
                 mode="max",
-                max_t=base.optim.epochs + 1,
+                max_t=max_epochs(list(trials_cfg.values())) + 1,
                 grace_period=spec.asha.grace_epochs,
                 reduction_factor=spec.asha.reduction_factor,
             )

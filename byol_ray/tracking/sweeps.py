@@ -136,3 +136,10 @@ def settle_children(tracker: Tracker, reason: str) -> list[str]:
 def spec_of_parent(tracker: Tracker) -> SweepSpec:
     """The sweep file a parent run was made from (its logged sweep.json)."""
     return SweepSpec.from_dict(download_json(tracker.uri, tracker.run_id, SPEC_ARTIFACT))
+
+
+def parent_record(tracker: Tracker) -> tuple[dict[str, str], dict[str, float]]:
+    """The parent run's params and latest metrics as they are now: a resumed sweep reads its plan and the
+    scores it already logged back from them."""
+    run = tracker.client.get_run(tracker.run_id)
+    return dict(run.data.params), dict(run.data.metrics)

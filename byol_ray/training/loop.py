@@ -23,12 +23,12 @@ import torch.distributed as dist
 
 from ..config import Config, ConfigError
 from ..core.engine import InputSpec, Pretrainer, distributed, pick_device
-from ..core.model import build_encoder
 from ..core.state import TrainState, check_compatible
 from ..core.sync import to_host
 from ..data.readers import ImageData, channel_stats, load_split
 from ..data.transfer import adapt
 from ..errors import UserError
+from ..eval.encoders import untrained_encoder
 from ..eval.scoring import EvalRow, evaluate_encoders, extract_features, knn_accuracy
 from ..seeding import epoch_seed
 from .cpu_runtime import configure_cpu
@@ -36,9 +36,11 @@ from .plan import (
     EVAL_OVERHEAD,
     UNTIMED_STEPS,
     WARMUP_STEPS,
+    WARNING_TAG,
     StepPlan,
     agree,
     budget_steps,
+    checked_plan,
     describe,
     describe_replan,
     epochs_plan,
@@ -56,6 +58,7 @@ EVAL_KEYS = {"BYOL (online encoder)": "byol", "untrained encoder": "untrained_en
 class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_params(self, params: dict[str, Any]) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
 
 
 def log(msg: str) -> None:
@@ -248,6 +251,8 @@ def pretrain(
         if rank == 0 and tracker is not None:
             # run.precision may be "auto": record what the replicas computed in.
             tracker.log_params({**plan.params(), "precision_used": trainer.precision})
+            if plan.warning:
+                tracker.set_tags({WARNING_TAG: plan.warning})
     trainer.set_schedule(plan.breakpoints())
     if rank == 0:
         log(describe(plan, cfg))
@@ -315,8 +320,11 @@ def resume(
 
 
 def make_plan(cfg: Config, trainer: Pretrainer, data: TrainData, rank: int, world: int, t_start: float) -> StepPlan:
-    """`optim.epochs` full epochs, or with a time budget as many steps as fit (see plan.py)."""
+    """`optim.total_steps`, `optim.epochs` full epochs, or with a time budget as many steps as fit (see
+    plan.py): a warm-up that leaves too little of the budget to train is measured once more."""
     spe = trainer.steps_per_epoch
+    if cfg.optim.total_steps:
+        return StepPlan(cfg.optim.total_steps, spe)
     if not cfg.optim.time_budget_minutes:
         return epochs_plan(cfg, spe)
     perm = epoch_order(cfg, data, 0)
@@ -329,12 +337,23 @@ def make_plan(cfg: Config, trainer: Pretrainer, data: TrainData, rank: int, worl
         def batch(i: int) -> list:
             return data.in_memory_batch(steps[i])
 
-    trainer.start_epoch(0)
     pause_point(cfg, rank, "warmup")
-    step_s = measure_step_seconds(trainer, batch)
-    embed_s = embed_seconds(cfg, trainer, data) if rank == 0 else 0.0
-    step_s, embed_s, elapsed = agree([step_s, embed_s, time.perf_counter() - t_start], data.device)
-    return plan_for(cfg, spe, step_s, embed_s, elapsed)
+
+    def measure() -> tuple[float, float, float]:
+        trainer.start_epoch(0)
+        step_s = measure_step_seconds(trainer, batch)
+        embed_s = embed_seconds(cfg, trainer, data) if rank == 0 else 0.0
+        # Every rank gets rank 0's figures, so every rank takes the same decision to measure again.
+        step_s, embed_s, elapsed = agree([step_s, embed_s, time.perf_counter() - t_start], data.device)
+        return step_s, embed_s, elapsed
+
+    return checked_plan(
+        cfg, measure, lambda step_s, embed_s, elapsed: plan_for(cfg, spe, step_s, embed_s, elapsed), _rank0_log(rank)
+    )
+
+
+def _rank0_log(rank: int) -> Callable[[str], None]:
+    return log if rank == 0 else (lambda _msg: None)
 
 
 def embed_seconds(cfg: Config, trainer: Pretrainer, data: TrainData) -> float:
@@ -435,6 +454,8 @@ def end_of_epoch(
     last = epoch + 1 == plan.epochs or collapsed
     rows: list[EvalRow] = []
     if rank == 0:
+        if last:
+            metrics["trained_steps"] = trainer.step  # what a sweep's report holds against its plan
         if last and cfg.eval.final:
             # Evaluated before the last report so the scores travel with the final checkpoint's metrics;
             # its kNN number is logged as the last epoch's knn_acc.
@@ -490,8 +511,7 @@ def final_evaluation(cfg: Config, trainer: Pretrainer, data: TrainData) -> list[
     test, train = data.test_split(), data.split
     encoders: dict[str, torch.nn.Module | None] = {"BYOL (online encoder)": trainer.encoder}
     if cfg.eval.baselines:
-        torch.manual_seed(cfg.run.seed)
-        encoders["untrained encoder"] = build_encoder(cfg.model, train.channels).to(data.device)
+        encoders["untrained encoder"] = untrained_encoder(cfg, data.inputs.channels, cfg.run.seed, data.device)
         encoders["raw pixels"] = None
     log(
         f"[eval] linear probe and kNN (k={cfg.eval.knn_k}) on {len(train.images)} train / "

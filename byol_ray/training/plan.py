@@ -15,6 +15,11 @@ a run that made its own plan re-plans after each epoch from the epoch's own spee
 continuous and still end (lr 0, tau 1) at the new last step. Re-plans within `REPLAN_TOLERANCE` are not
 made, a resumed run re-plans no more (it keeps its checkpoint's plan), and neither does a run given a
 plan to repeat.
+
+A warm-up taken while the machine was briefly busy plans far too few steps. So a plan that leaves less
+than `LOW_TRAINING_SHARE` of the budget for training is reported loudly and measured once more
+(`checked_plan`); when the second measurement does no better, the run goes on with the better of the two
+and the plan carries a `warning`, which the run's MLflow tag `plan_warning` shows.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ EVAL_OVERHEAD = 2.0
 # A re-plan moves the end of the schedules only when the steps that fit the time left differ from those
 # planned by more than this fraction (epoch-to-epoch noise should not reshape the schedule).
 REPLAN_TOLERANCE = 0.03
+# Below this share of its budget spent training, a plan is suspect: measured again before it is kept.
+LOW_TRAINING_SHARE = 0.5
+WARNING_TAG = "plan_warning"
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class StepPlan:
     # (the first plan's total_steps; 0 = total_steps, never re-planned).
     knots: tuple[tuple[int, float], ...] = ()
     schedule_steps: int = 0
+    warning: str = ""  # set when even a second warm-up left under LOW_TRAINING_SHARE of the budget to train
 
     def __post_init__(self):  # a checkpoint may hand the knots back as lists
         object.__setattr__(self, "knots", tuple((int(s), float(p)) for s, p in self.knots))
@@ -117,6 +126,70 @@ def budget_steps(
     epochs = math.ceil(steps / steps_per_epoch)
     knn = knn_s * (epochs // cfg.eval.knn_every if cfg.eval.knn_every else 0)
     return StepPlan(steps, steps_per_epoch, budget, o.batch_size / step_s, reserve + knn, elapsed_s)
+
+
+def training_share(plan: StepPlan, cfg: Config) -> float:
+    """The share of a budgeted plan's wall time that trains (1.0 without a budget)."""
+    if not plan.budget_s:
+        return 1.0
+    return plan.total_steps * cfg.optim.batch_size / plan.images_per_s / plan.budget_s
+
+
+def short_of_training(plan: StepPlan, cfg: Config) -> bool:
+    """A budgeted plan that trains under LOW_TRAINING_SHARE of its budget though optim.epochs did not cap it."""
+    capped = plan.total_steps >= cfg.optim.epochs * plan.steps_per_epoch
+    return bool(plan.budget_s) and not capped and training_share(plan, cfg) < LOW_TRAINING_SHARE
+
+
+Costs = tuple[float, float, float]  # seconds per step, seconds of one encoder's embedding, seconds elapsed
+
+
+def checked_plan(
+    cfg: Config,
+    measure: Callable[[], Costs],
+    plan_of: Callable[[float, float, float], StepPlan],
+    log: Callable[[str], None],
+) -> StepPlan:
+    """The plan for the costs `measure` returns (`plan_of`); measured a second time when it leaves under
+    LOW_TRAINING_SHARE of the budget to train. Then the better of the two measurements (the one that plans
+    more steps at the time now spent) is kept; if even that trains too little, the plan carries a `warning`."""
+    first = measure()
+    plan = plan_of(*first)
+    if not short_of_training(plan, cfg):
+        return plan
+    log(warning_block(plan, cfg, "measuring the warm-up once more before committing to a plan"))
+    second = measure()
+    # max() keeps the first of equals: the second measurement, the more recent one.
+    plan = max((plan_of(*second), plan_of(first[0], first[1], second[2])), key=lambda p: p.total_steps)
+    if not short_of_training(plan, cfg):
+        log(f"[plan] the second warm-up measured {plan.images_per_s:,.0f} img/s: {plan.total_steps} steps, kept")
+        return plan
+    warning = (
+        f"trains {training_share(plan, cfg):.0%} of its {plan.budget_s / 60:g} min budget ({plan.total_steps} "
+        f"steps at {plan.images_per_s:,.0f} img/s, the better of two warm-ups)"
+    )
+    plan = replace(plan, warning=warning)
+    log(warning_block(plan, cfg, f"going on with the better warm-up; the MLflow run is tagged {WARNING_TAG}"))
+    return plan
+
+
+def warning_block(plan: StepPlan, cfg: Config, action: str) -> str:
+    """A plan that trains too little of its budget, as a block that stands out on the console."""
+    bar = "!" * 100
+    train_s = plan.total_steps * cfg.optim.batch_size / plan.images_per_s
+    return "\n".join(
+        [
+            bar,
+            f"[plan] WARNING: the warm-up measured {plan.images_per_s:,.0f} img/s, which leaves {train_s:.0f} s of "
+            f"the {plan.budget_s:.0f} s budget ({training_share(plan, cfg):.0%}) for training: "
+            f"{plan.total_steps} steps, after {plan.elapsed_s:.0f} s of set-up and {plan.reserve_s:.0f} s kept "
+            f"for evaluation.",
+            "[plan] A machine busy with other work during the warm-up does this; so does a budget too small "
+            "for this model and data.",
+            f"[plan] {action}.",
+            bar,
+        ]
+    )
 
 
 def replan(cfg: Config, plan: StepPlan, step: int, elapsed_s: float, step_s: float) -> StepPlan | None:
@@ -185,6 +258,11 @@ def agree(values: list[float], device: torch.device) -> list[float]:
 
 def describe(plan: StepPlan, cfg: Config) -> str:
     """The plan as one log line, printed before training starts."""
+    if cfg.optim.total_steps:
+        return (
+            f"[plan] {plan.total_steps} steps = {plan.total_steps / plan.steps_per_epoch:.2f} epochs of "
+            f"{plan.steps_per_epoch} (optim.total_steps: a plan made before the run, such as its sweep's)"
+        )
     if not plan.budget_s:
         return f"[plan] {plan.total_steps} steps = {cfg.optim.epochs} epochs of {plan.steps_per_epoch} (no time budget)"
     train_s = plan.total_steps * cfg.optim.batch_size / plan.images_per_s

@@ -345,3 +345,11 @@ def test_gpu_and_stream_options_are_validated(overrides, field):
         )
     # The mode only matters with run.compile=true.
     assert not load_config(None, ["run.compile_mode=graph", "run.device=cpu"]).run.compile
+
+
+def test_total_steps_fixes_the_plan_and_excludes_a_time_budget():
+    assert load_config(None, ["optim.total_steps=7"]).optim.total_steps == 7
+    with pytest.raises(ConfigError, match=r"optim\.total_steps: fixes the steps \(7\) while optim\.time_budget"):
+        load_config(None, ["optim.total_steps=7", "optim.time_budget_minutes=3"])
+    with pytest.raises(ConfigError, match=r"optim\.total_steps: must be >= 0"):
+        load_config(None, ["optim.total_steps=-1"])

@@ -58,6 +58,7 @@ def test_presets_load_with_every_paper_row(fmnist_root):
     batch = load_sweep("batch")
     acc = batch.trial_config("1024 (4 x 256 accumulated)", 0, [])
     assert (acc.optim.batch_size, acc.optim.accumulate_steps) == (1024, 4)
+    assert (batch.hold, batch.steps, tau.hold) == ("images", 0, "steps")  # planned when the sweep starts
     # The variant beats a command-line override of the key it is an ablation of.
     assert tau.trial_config("tau=0", 0, ["optim.tau_base=0.5"]).optim.tau_base == 0.0
 
@@ -75,6 +76,9 @@ def test_presets_load_with_every_paper_row(fmnist_root):
         (lambda s: s["variants"][1].update(paper="high"), "paper must be a number"),
         (lambda s: s.update(base_config="missing.yaml"), "base_config 'missing.yaml' does not exist"),
         (lambda s: s.update(asha={"enabled": True, "grace": 1}), "unknown key 'grace'"),
+        (lambda s: s.update(steps=0), "steps must be a whole number of optimiser steps >= 1"),
+        (lambda s: s.update(steps="many"), "steps must be a whole number"),
+        (lambda s: s.update(hold="epochs"), "hold 'epochs' must be steps"),
     ],
 )
 def test_bad_sweep_files_fail_with_the_key_named(tmp_path, fmnist_root, mutate, message):
@@ -177,6 +181,42 @@ def test_tiny_sweep_logs_parent_children_report_and_stops_collapse(tmp_path, fmn
 
 
 @pytest.mark.ray
+def test_a_budgeted_sweep_plans_once_for_all_trials_and_scores_the_seed_once(tmp_path, fmnist_root):
+    """One warm-up fixes every trial's steps: a trial whose steps then run slower (1 s each, debug.step_delay_s)
+    still trains all of them, where a trial planning for itself would re-plan to fewer; the untrained encoder
+    of the seed is scored once, not once per trial, and is the one a trial of that seed starts from."""
+    import ray
+
+    from byol_ray.distributed.sweep import run_sweep
+    from byol_ray.training.standalone import score_untrained
+
+    variants = [{"name": "a"}, {"name": "slowed", "set": {"debug.step_delay_s": 1.0}}]
+    spec = load_sweep(str(write_sweep(tmp_path, variants, fmnist_root=fmnist_root)))
+    overrides = ["optim.time_budget_minutes=0.25"]  # 15 s: the slowed trial's 16 steps alone take 16 s
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        run_sweep(spec, overrides)
+    finally:
+        ray.shutdown()
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["byol-ray"])
+    parent = runs[runs["tags.byol_ray.role"] == "sweep"].iloc[0]
+    # The warm-up's plan: capped by optim.epochs (4 x 4 steps) on any machine that fits the budget at all.
+    assert (parent["params.sweep.steps"], parent["params.sweep.steps_source"]) == ("16", "warmup")
+    assert parent["params.sweep.hold"] == "steps" and float(parent["params.sweep.warmup_images_per_s"]) > 0
+    kids = children(tmp_path)
+    assert set(kids["status"]) == {"FINISHED"} and len(kids) == 2
+    assert list(kids["params.plan.total_steps"]) == ["16", "16"]
+    assert list(kids["metrics.trained_steps"]) == [16.0, 16.0]
+    assert list(kids["params.optim.time_budget_minutes"]) == ["0.0", "0.0"]
+    client = mlflow.MlflowClient()
+    for metric in ("linear_top1", "knn_top1"):
+        (logged,) = client.get_metric_history(parent["run_id"], f"untrained/seed_0/{metric}")  # once
+        assert logged.value == score_untrained(spec.trial_config("a", 0, overrides).to_dict())[metric]
+
+
+@pytest.mark.ray
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, fmnist_root):
     """SIGINT (Ctrl-C) while the second of three trials trains; the same command then finishes the rest."""
     path = write_sweep(tmp_path, [{"name": "a"}], seeds=3, fmnist_root=fmnist_root)
@@ -233,7 +273,15 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, f
     client = mlflow.MlflowClient()
     for r in kids.itertuples():
         assert sorted({m.step for m in client.get_metric_history(r.run_id, "loss")}) == [1, 2, 3, 4, 5, 6]
+    assert set(kids["metrics.trained_steps"]) == {24.0}  # the sweep's plan: 6 epochs of 4 steps
     assert "resuming sweep 'tiny'" in second.stdout
+    # The plan and the untrained scores of the first attempt are read back, not made again.
+    assert "[sweep] plan kept from the parent run: 24 steps" in second.stdout
+    assert "untrained encoder already scored for seed(s) [0, 1, 2]" in second.stdout
+    parent = mlflow.search_runs(experiment_names=["byol-ray"], filter_string="tags.byol_ray.role = 'sweep'")
+    parent_id = parent.iloc[0]["run_id"]
+    for seed in range(3):
+        assert len(client.get_metric_history(parent_id, f"untrained/seed_{seed}/knn_top1")) == 1
 
 
 def test_a_trial_stopped_by_tune_is_told_apart_from_a_failure():

@@ -12,7 +12,17 @@ from byol_ray.config import Config
 from byol_ray.core.ema import tau_at
 from byol_ray.core.schedules import schedule_position, warmup_cosine
 from byol_ray.training.loop import pretrain
-from byol_ray.training.plan import REPLAN_TOLERANCE, StepPlan, budget_steps, epochs_plan, replan
+from byol_ray.training.plan import (
+    REPLAN_TOLERANCE,
+    WARNING_TAG,
+    StepPlan,
+    budget_steps,
+    checked_plan,
+    epochs_plan,
+    replan,
+    short_of_training,
+    training_share,
+)
 from byol_ray.training.session import LocalSession
 
 
@@ -143,3 +153,46 @@ def test_a_budgeted_run_killed_and_resumed_matches_the_same_plan_uninterrupted(t
     for part in ("online", "target"):
         for k, v in a[part].items():
             assert torch.equal(v, b[part][k]), (part, k)
+
+
+def test_a_plan_that_leaves_under_half_the_budget_to_train_is_measured_again_and_flagged():
+    cfg = Config().replace(
+        {"optim.time_budget_minutes": 1.0, "optim.epochs": 100, "eval.final": True, "eval.knn_every": 0}
+    )
+
+    def plan_of(step_s: float, eval_s: float, elapsed_s: float) -> StepPlan:
+        return budget_steps(cfg, 30, step_s, eval_s, 0.0, elapsed_s)
+
+    def run(*costs: tuple[float, float, float]) -> tuple[StepPlan, int, str]:
+        """checked_plan over measurements that return `costs` in turn: (plan, measurements made, console)."""
+        calls, lines = iter(costs), []
+        made = [0]
+
+        def measure() -> tuple[float, float, float]:
+            made[0] += 1
+            return next(calls)
+
+        return checked_plan(cfg, measure, plan_of, lines.append), made[0], "\n".join(lines)
+
+    # 60 s - 4 s set-up - 6 s evaluation = 50 s of training at 0.1 s a step: measured once, no word.
+    plan, made, console = run((0.1, 6.0, 4.0))
+    assert (plan.total_steps, made, console, plan.warning) == (500, 1, "", "")
+    # A warm-up on a busy machine: 40 s kept for evaluation leaves 16 s (27%) to train -> loud, measured again;
+    # the second (6 s evaluation, at 5 s spent) plans (60 - 5 - 6) / 0.1 = 490 steps, and is kept.
+    plan, made, console = run((0.1, 40.0, 4.0), (0.1, 6.0, 5.0))
+    assert (plan.total_steps, made, plan.warning) == (490, 2, "")
+    assert "WARNING" in console and "27%" in console and "measuring the warm-up once more" in console
+    assert training_share(plan, cfg) == pytest.approx(49.0 / 60.0)
+    # Both slow: the better of the two, each planned at the 8 s now spent. First: (60 - 8 - 40) / 0.5 = 24
+    # steps; second: (60 - 8 - 30) / 1.0 = 22 steps -> the first, 24 steps = 12 s (20%), flagged.
+    plan, made, console = run((0.5, 40.0, 4.0), (1.0, 30.0, 8.0))
+    assert (plan.total_steps, made) == (24, 2)
+    assert plan.warning.startswith("trains 20% of its 1 min budget (24 steps")
+    assert console.count("WARNING") == 2 and "tagged plan_warning" in console
+    # The warning travels with the plan (checkpoints and MLflow): the run's tag.
+    assert StepPlan(**plan.to_dict()) == plan and WARNING_TAG == "plan_warning"
+    # optim.epochs capping the steps is no warning, however little of the budget it trains.
+    one_epoch = cfg.replace({"optim.epochs": 1})
+    capped = budget_steps(one_epoch, 30, 0.1, 6.0, 0.0, 4.0)
+    assert capped.total_steps == 30 and training_share(capped, one_epoch) == pytest.approx(0.05)
+    assert not short_of_training(capped, one_epoch)
