@@ -36,6 +36,9 @@ KNN = "metrics.eval/byol/knn_top1"
 TRAINED_STEPS = "metrics.trained_steps"  # the optimiser steps a trial trained
 PLAN_WARNING = "tags.plan_warning"  # set on a trial whose plan was bad
 STEPS_PARAM = "sweep.steps"  # the parent run's planned steps for every trial
+# A trial's own plan: the sweep's steps, or its share of the sweep's images when the sweep holds images
+# (a bigger batch trains fewer steps), so a trial is held to this, the sweep's figure only without it.
+TRIAL_PLAN = "params.plan.total_steps"
 UNTRAINED = re.compile(r"untrained/seed_(-?\d+)/(linear|knn)_top1")  # the parent run's per-seed metrics
 # The paper reports one ImageNet run per row: differences under a point are within what reruns move, so
 # they count as a tie when comparing orderings.
@@ -80,12 +83,16 @@ def _stats(prefix: str, p: Paired) -> dict[str, float]:
     }
 
 
-def _under_plan(done: pd.DataFrame, planned: float | None) -> list[str]:
+def _under_plan(done: pd.DataFrame, sweep_steps: float | None) -> list[str]:
     """The row's finished trials that trained fewer steps than planned or carry a plan warning, described."""
     out = []
     for _, r in done.iterrows():
+        planned = sweep_steps
         why = []
         steps = r[TRAINED_STEPS]
+        own = pd.to_numeric(r[TRIAL_PLAN], errors="coerce")
+        if not pd.isna(own):
+            planned = float(own)
         if planned is not None and math.isnan(steps):
             why.append(f"trained steps not logged, {planned:.0f} planned")
         elif planned is not None and steps < planned:
@@ -135,7 +142,8 @@ def ablation_table(
     if runs.empty:
         runs = pd.DataFrame(columns=[f"tags.{VARIANT_TAG}", "status", LINEAR, KNN])
     runs = runs.copy()
-    cols = (LINEAR, KNN, TRAINED_STEPS, "metrics.collapsed", f"tags.{SEED_TAG}", PLAN_WARNING, "tags.collapsed")
+    cols = (LINEAR, KNN, TRAINED_STEPS, TRIAL_PLAN, "metrics.collapsed", f"tags.{SEED_TAG}", PLAN_WARNING)
+    cols = (*cols, "tags.collapsed")
     for col in (*cols, "tags.stopped"):
         if col not in runs:
             runs[col] = math.nan
@@ -250,7 +258,7 @@ def untrained_line(untrained: pd.DataFrame) -> str:
 def under_plan_line(t: pd.DataFrame, planned_steps: float | None) -> str:
     if t["under_plan"].isna().all():
         return "Under plan: not scored (the sweep recorded no step plan)."
-    plan = f"the sweep's {planned_steps:.0f} planned steps" if planned_steps is not None else "their plan"
+    plan = f"their planned steps (the sweep's {planned_steps:.0f})" if planned_steps is not None else "their plan"
     trials = "; ".join(x for x in t["under_plan_trials"] if x)
     if not trials:
         return f"Under plan: none; every trial trained {plan}."

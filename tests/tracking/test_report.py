@@ -164,13 +164,25 @@ def test_trials_under_plan_are_flagged_and_named():
     md = to_markdown(t.reset_index(), SPEC, untrained_scores(PARENT_METRICS), PLANNED)
     assert "| yes | 1/3 | 1/3 |" in md  # down: resolved, ordering holds, 1 of 3 under plan, 1 collapsed
     assert (
-        "Under plan (trained fewer than the sweep's 468 planned steps, or plan_warning set; their numbers are "
+        "Under plan (trained fewer than their planned steps (the sweep's 468), or plan_warning set; their numbers are "
         "in the row): up seed 2 (plan_warning: the warm-up left 12% of the budget to train); "
         "down seed 1 (trained 120 of 468 steps; collapsed); tie seed 0 (trained steps not logged, 468 planned)."
     ) in md
-    assert "Under plan: none; every trial trained the sweep's 468 planned steps." in to_markdown(
+    assert "Under plan: none; every trial trained their planned steps (the sweep's 468)." in to_markdown(
         table(), SPEC, untrained_scores(PARENT_METRICS), PLANNED
     )
+
+
+def test_a_trial_is_held_to_its_own_plan_when_the_sweep_holds_images():
+    # hold: images gives a bigger batch fewer steps: 234 of the sweep's 468 is that trial's whole plan.
+    t = table(
+        **{
+            "up/0": {"params.plan.total_steps": "234", "metrics.trained_steps": 234.0},
+            "up/1": {"params.plan.total_steps": "234", "metrics.trained_steps": 200.0},
+        }
+    ).set_index("variant")
+    assert t.loc["up", "under_plan"] == 1
+    assert t.loc["up", "under_plan_trials"] == "up seed 1 (trained 200 of 234 steps)"
 
 
 def test_an_older_sweep_says_what_it_did_not_score():
