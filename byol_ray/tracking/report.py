@@ -142,9 +142,8 @@ def ablation_table(
     if runs.empty:
         runs = pd.DataFrame(columns=[f"tags.{VARIANT_TAG}", "status", LINEAR, KNN])
     runs = runs.copy()
-    cols = (LINEAR, KNN, TRAINED_STEPS, TRIAL_PLAN, "metrics.collapsed", f"tags.{SEED_TAG}", PLAN_WARNING)
-    cols = (*cols, "tags.collapsed")
-    for col in (*cols, "tags.stopped"):
+    cols = [LINEAR, KNN, TRAINED_STEPS, TRIAL_PLAN, "metrics.collapsed", f"tags.{SEED_TAG}", PLAN_WARNING]
+    for col in (*cols, "tags.collapsed", "tags.stopped"):
         if col not in runs:
             runs[col] = math.nan
     if untrained is None:
