@@ -63,7 +63,7 @@ def trial_fn(
 
 def max_concurrent_trials(cfg: Config) -> int:
     """As many trials as the cluster holds worker groups at once (at least 1)."""
-    return max(1, worker_capacity(cfg) // cfg.run.num_workers)
+    return max(1, worker_capacity(cfg) // cfg.run.max_workers)
 
 
 def run_sweep(
