@@ -139,6 +139,7 @@ def test_elastic_group_shrinks_on_a_lost_node_and_grows_back(elastic_nodes, tmp_
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["byol-ray"], filter_string="attributes.run_name = 'elastic'")
     assert list(runs["status"]) == ["FINISHED"], runs[["run_id", "status"]]
+    assert runs.iloc[0]["tags.world_size"] == "[1, 2]" and runs.iloc[0]["params.run.num_workers"] == "[1, 2]"
     client = mlflow.MlflowClient()
     run_id = runs.iloc[0]["run_id"]
 
