@@ -12,8 +12,15 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +31,7 @@ from PIL import Image
 
 from byol_ray.cli import COMMANDS
 from byol_ray.config import Config, ModelConfig, load_config
+from byol_ray.tracking.server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -113,13 +121,16 @@ def write_sweep(tmp_path: Path, variants: list[dict], seeds=1, name="tiny", fmni
 
 
 def cluster_pids(temp_dir: str) -> list[int]:
-    """This cluster's processes: every Ray process carries its temp/session dir on its command line."""
+    """This cluster's processes: every Ray process carries its temp/session dir on its command line, or (the
+    agents, which rename themselves `ray::...`) holds a log file open under it."""
     pids = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) == os.getpid():
             continue
         try:
-            if temp_dir.encode() in (d / "cmdline").read_bytes():
+            if temp_dir.encode() in (d / "cmdline").read_bytes() or any(
+                os.readlink(fd).startswith(temp_dir) for fd in (d / "fd").iterdir()
+            ):
                 pids.append(int(d.name))
         except OSError:
             pass  # ended meanwhile, or not ours to read
@@ -137,6 +148,103 @@ def kill_cluster(temp_dir: str) -> None:
         deadline = time.monotonic() + 5
         while cluster_pids(temp_dir) and time.monotonic() < deadline:
             time.sleep(0.2)
+
+
+RAY_BIN = Path(sys.executable).parent
+
+
+@dataclass
+class TwoNodes:
+    """Two real Ray nodes on this machine, one CPU each: a head (`ray start --head`) and a second node
+    (`ray start --address`) that a test may take away and bring back, as a spot node comes and goes."""
+
+    address: str
+    env: dict[str, str]
+    temp_dir: str
+    second_port: int = 0  # the second node's raylet port: the one thing that names its processes
+    started: list[int] = field(default_factory=list)
+
+    def start_second(self) -> None:
+        self.second_port = free_port()
+        cmd = [str(RAY_BIN / "ray"), "start", f"--address={self.address}", "--num-cpus=1"]
+        cmd += [f"--node-manager-port={self.second_port}", f"--dashboard-agent-listen-port={free_port()}"]
+        _ray_start(cmd + ["--disable-usage-stats"], self.env)
+
+    def stop_second(self) -> None:
+        """SIGKILL the second node's raylet and everything it started (its workers, its agents), as a lost
+        machine: the head learns of it only from missed health checks."""
+        marker = f"--node_manager_port={self.second_port}".encode()
+        raylets = [p for p in _pids() if marker in _cmdline(p) and b"raylet" in _cmdline(p)]
+        assert raylets, f"no raylet of the second node (port {self.second_port})"
+        doomed = set(raylets)
+        while True:  # the raylet's descendants, collected before any of them is reparented
+            more = {p for p in _pids() if _ppid(p) in doomed} - doomed
+            if not more:
+                break
+            doomed |= more
+        for pid in doomed:
+            with _gone():
+                os.kill(pid, signal.SIGKILL)
+
+
+@contextmanager
+def two_node_cluster(extra_env: dict[str, str] | None = None) -> Iterator[TwoNodes]:
+    """A `TwoNodes` cluster for the length of the block; `extra_env` (Ray's own settings) reaches both nodes."""
+    # Short path: Ray's unix sockets live under it (107-byte limit).
+    temp_dir = tempfile.mkdtemp(prefix="rmn", dir="/tmp")
+    # Ray 2.60's head turns on token authentication (token in ~/.ray/auth_token); the second node and the
+    # driver present the token only with RAY_AUTH_MODE=token.
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "PATH": f"{RAY_BIN}:{os.environ['PATH']}"}
+    env.update(extra_env or {})
+    port = free_port()
+    head = [str(RAY_BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={temp_dir}"]
+    head += ["--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}"]
+    head += [f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+    try:
+        _ray_start(head, env)
+        nodes = TwoNodes(f"127.0.0.1:{port}", env, temp_dir)
+        nodes.start_second()
+        yield nodes
+    finally:
+        kill_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def two_nodes() -> Iterator[TwoNodes]:
+    with two_node_cluster() as nodes:
+        yield nodes
+
+
+def _ray_start(cmd: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def _pids() -> list[int]:
+    return [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+@contextmanager
+def _gone() -> Iterator[None]:
+    try:
+        yield
+    except ProcessLookupError:
+        pass
 
 
 # A small model for single-process tests of the step, the benchmark and the streamed input.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -56,6 +57,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping of fields, got {value!r}")
         return build(tp, value, name + ".")
+    if origin in (typing.Union, types.UnionType):
+        return _coerce_union(typing.get_args(tp), value, name)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -101,6 +104,28 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return str(value)
     raise TypeError(f"unsupported config type {tp} for {name}")
+
+
+def _coerce_union(options: tuple[Any, ...], value: Any, name: str) -> Any:
+    """`value` as the one of `options` of its shape: a list as the sequence type, anything else as the
+    scalar (`int | tuple[int, int]`: a number, or a [min, max] list)."""
+    is_seq = isinstance(value, (list, tuple))
+    fits = [o for o in options if (typing.get_origin(o) in (tuple, list)) == is_seq]
+    try:
+        if not fits:
+            raise ConfigError(name)
+        return _coerce(fits[0], value, name)
+    except ConfigError:
+        raise ConfigError(f"{name}: expected {' or '.join(_describe(o) for o in options)}, got {value!r}") from None
+
+
+def _describe(tp: Any) -> str:
+    """A type of the schema in words, for errors: "an integer", "a list of 2 integers"."""
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and args:
+        return f"a list of {len(args)} {'integers' if all(a is int for a in args) else 'numbers'}"
+    return words.get(tp, str(tp))
 
 
 def _is_int(s: str) -> bool:

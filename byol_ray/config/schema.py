@@ -35,7 +35,7 @@ TARGET_BN_MODES = ("ema", "copy")
 PRECISIONS = ("fp32", "bf16", "auto")
 CRASH_KINDS = ("kill", "user_error")
 # Where `debug.pause_at` holds a run, so that a test can kill its driver there (see DebugConfig).
-PAUSE_PHASES = ("", "warmup", "mid_epoch", "checkpoint", "final_eval")
+PAUSE_PHASES = ("warmup", "mid_epoch", "checkpoint", "final_eval", "resized")
 COMPILE_MODES = ("networks", "graph", "step")
 
 
@@ -182,7 +182,13 @@ class RunConfig:
     output_dir: str = "outputs"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    num_workers: int = 1  # Ray Train workers (data-parallel replicas)
+    # Ray Train workers (data-parallel replicas): a number, or [min, max] for an elastic group that starts
+    # with as many as fit (at least min) and grows back to max when nodes return; each resize restarts the
+    # group from the latest checkpoint. The global batch, the lr and tau schedules and the EMA stay as
+    # configured at every size (the per-worker batch is batch_size // size), so every size in the range
+    # must split optim.batch_size / optim.accumulate_steps evenly into micro-batches of at least 2 images.
+    # Read it through min_workers / max_workers / elastic.
+    num_workers: int | tuple[int, int] = 1
     cpus_per_worker: float = 2.0
     gpus_per_worker: float = 0.0
     address: str = ""  # Ray address; "" = ray.init() default (existing cluster, else a local one)
@@ -193,6 +199,9 @@ class RunConfig:
     # The cluster adds nodes on demand (cluster.yaml): instead of failing fast when the worker group does
     # not fit the nodes running now, ask the autoscaler for it.
     autoscaling: bool = False
+    # How often Ray Train checks whether an elastic group (num_workers [min, max]) can grow, and how long
+    # a group runs at least before it does (Ray's ScalingConfig.elastic_resize_monitor_interval_s).
+    resize_interval_s: float = 60.0
     log_every: int = 20  # steps between progress lines
     torch_threads: int = 0  # 0 = cpus_per_worker
     # "bf16" runs the forward passes under bf16 autocast (weights, loss, optimiser and EMA stay fp32), on
@@ -206,6 +215,30 @@ class RunConfig:
     # the whole training step (augmentation, forward, backward, LARS, probe, EMA) once as a CUDA graph and
     # replays it (no launch overhead; one GPU worker); "step" does both. GPU only for graph and step.
     compile_mode: str = "networks"
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run trains with (num_workers itself when it is a number)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run trains with (num_workers itself when it is a number)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        """num_workers is a [min, max] range: Ray Train resizes the group as nodes come and go."""
+        return not isinstance(self.num_workers, int)
+
+    @property
+    def group_sizes(self) -> range:
+        """Every worker-group size the run may train at."""
+        return range(self.min_workers, self.max_workers + 1)
+
+    def describe_workers(self) -> str:
+        """num_workers as users write it: "2", or "[1, 2]" for an elastic range."""
+        return f"[{self.min_workers}, {self.max_workers}]" if self.elastic else str(self.num_workers)
 
 
 @dataclass
@@ -234,11 +267,12 @@ class DebugConfig:
     # Every training step sleeps this long, the warm-up's excepted: a machine that slows down after a
     # time-budgeted run planned (tests of re-planning).
     step_delay_s: float = 0.0
-    # Hold the run once, for pause_s seconds, at this phase of rank 0 (warm-up plan, the middle of the second
-    # epoch, a checkpoint written but not yet handed to Ray, the final evaluation), after writing the marker
-    # file `<output_dir>/.paused_<run.name>_<phase>`: a test kills the driver there and reruns the command,
-    # which finds the marker and does not hold again.
-    pause_at: str = ""
+    # Hold the run once, for pause_s seconds, at each of these phases of rank 0 (warm-up plan, the middle of
+    # the second epoch, a checkpoint written but not yet handed to Ray, the final evaluation, the first
+    # checkpoint of a group resized from another size), after writing the marker file
+    # `<output_dir>/.paused_<run.name>_<phase>`: a test kills the driver or a node there and reruns the
+    # command, which finds the marker and does not hold again.
+    pause_at: list[str] = field(default_factory=list)
     pause_s: float = 0.0
 
 

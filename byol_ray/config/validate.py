@@ -113,17 +113,8 @@ def _validate_fields(cfg: ConfigFields) -> None:
     )
     _check(o.batch_size >= 2, "optim.batch_size", f"must be >= 2 (BatchNorm needs 2 samples), got {o.batch_size}")
     _check(o.accumulate_steps >= 1, "optim.accumulate_steps", "must be >= 1")
-    _check(
-        o.batch_size % (o.accumulate_steps * cfg.run.num_workers) == 0,
-        "optim.batch_size",
-        f"{o.batch_size} must divide evenly into accumulate_steps ({o.accumulate_steps}) x "
-        f"run.num_workers ({cfg.run.num_workers}) micro-batches",
-    )
-    _check(
-        o.batch_size // (o.accumulate_steps * cfg.run.num_workers) >= 2,
-        "optim.batch_size",
-        "each worker's micro-batch must hold at least 2 images (BatchNorm)",
-    )
+    _check_worker_range(cfg)
+    _check_batch_split(cfg)
     _choice(o.optimizer, OPTIMIZERS, "optim.optimizer")
     _choice(o.tau_schedule, TAU_SCHEDULES, "optim.tau_schedule")
     _check(0.0 <= o.tau_base <= 1.0, "optim.tau_base", f"tau must be in [0, 1], got {o.tau_base}")
@@ -160,7 +151,7 @@ def _validate_fields(cfg: ConfigFields) -> None:
     r = cfg.run
     _check(bool(r.name) and "/" not in r.name, "run.name", "must be a non-empty name without '/'")
     _choice(r.device, ("auto", "cpu", "cuda"), "run.device")
-    _check(r.num_workers >= 1, "run.num_workers", f"must be >= 1, got {r.num_workers}")
+    _check(r.resize_interval_s >= 0, "run.resize_interval_s", f"must be >= 0 seconds, got {r.resize_interval_s}")
     _check(r.cpus_per_worker > 0, "run.cpus_per_worker", "must be > 0")
     _check(r.gpus_per_worker >= 0, "run.gpus_per_worker", "must be >= 0")
     _check_gpu_share(r)
@@ -177,7 +168,8 @@ def _validate_fields(cfg: ConfigFields) -> None:
     _choice(r.precision, PRECISIONS, "run.precision")
     _choice(cfg.debug.crash_kind, CRASH_KINDS, "debug.crash_kind")
     _check(cfg.debug.step_delay_s >= 0, "debug.step_delay_s", f"must be >= 0 seconds, got {cfg.debug.step_delay_s}")
-    _choice(cfg.debug.pause_at, PAUSE_PHASES, "debug.pause_at")
+    for phase in cfg.debug.pause_at:
+        _choice(phase, PAUSE_PHASES, "debug.pause_at")
     _check(cfg.debug.pause_s >= 0, "debug.pause_s", f"must be >= 0 seconds, got {cfg.debug.pause_s}")
     _choice(r.compile_mode, COMPILE_MODES, "run.compile_mode")
     if r.compile and r.compile_mode != "networks":
@@ -187,17 +179,11 @@ def _validate_fields(cfg: ConfigFields) -> None:
             f"{r.compile_mode} records the step as a CUDA graph: set run.device=cuda, or run.compile_mode=networks",
         )
         _check(
-            r.num_workers == 1,
+            r.max_workers == 1,
             "run.compile_mode",
             f"{r.compile_mode} records one process's step as a CUDA graph, without DDP's gradient all-reduce: "
             f"set run.num_workers=1 (one GPU), or run.compile_mode=networks",
         )
-
-
-def most_workers(r: RunConfig) -> int:
-    """The most Ray Train workers the run may have at once: what a rule that depends on the worker count
-    must hold for."""
-    return r.num_workers
 
 
 def _check_gpu_share(r: RunConfig) -> None:
@@ -210,12 +196,55 @@ def _check_gpu_share(r: RunConfig) -> None:
         f"(several runs on one GPU) or a whole number of GPUs",
     )
     _check(
-        not (0 < g < 1 and most_workers(r) > 1),
+        not (0 < g < 1 and r.max_workers > 1),
         "run.gpus_per_worker",
-        f"a fraction of a GPU ({g:g}) needs run.num_workers=1, got {most_workers(r)}: with fractions Ray may "
+        f"a fraction of a GPU ({g:g}) needs run.num_workers=1, got {r.describe_workers()}: with fractions Ray may "
         f"place two workers of the run on one GPU, and NCCL cannot put two ranks of one group (the run's "
         f"workers) on the same GPU. Give each worker whole GPUs, or pack several one-worker runs per GPU (a "
         f"sweep does)",
+    )
+
+
+def _check_worker_range(cfg: ConfigFields) -> None:
+    """run.num_workers: at least 1 worker; a [min, max] range with max >= min."""
+    r = cfg.run
+    shown = r.describe_workers()
+    _check(r.min_workers >= 1, "run.num_workers", f"must be >= 1 worker, got {shown}")
+    _check(
+        r.max_workers >= r.min_workers,
+        "run.num_workers",
+        f"[min, max] needs max >= min, got {shown}: write [{r.max_workers}, {r.min_workers}]",
+    )
+
+
+def _check_batch_split(cfg: ConfigFields) -> None:
+    """The global batch splits into equal micro-batches of at least 2 images (BatchNorm) at every group size
+    the run may train at: an elastic run keeps the global batch when it resizes, so each size must fit."""
+    o, r = cfg.optim, cfg.run
+    uneven = [n for n in r.group_sizes if o.batch_size % (o.accumulate_steps * n)]
+    small = [n for n in r.group_sizes if o.batch_size // (o.accumulate_steps * n) < 2]
+    if not r.elastic:
+        _check(
+            not uneven,
+            "optim.batch_size",
+            f"{o.batch_size} must divide evenly into accumulate_steps ({o.accumulate_steps}) x "
+            f"run.num_workers ({r.num_workers}) micro-batches",
+        )
+        _check(not small, "optim.batch_size", "each worker's micro-batch must hold at least 2 images (BatchNorm)")
+        return
+    span = f"every group size of run.num_workers {r.describe_workers()} (an elastic run keeps its global batch)"
+    _check(
+        not uneven,
+        "optim.batch_size",
+        f"{o.batch_size} must divide evenly into accumulate_steps ({o.accumulate_steps}) x workers micro-batches "
+        f"at {span}; it does not at size(s) {', '.join(map(str, uneven))}. Pick a batch size that every size "
+        f"from {r.min_workers} to {r.max_workers} divides, or narrow the range",
+    )
+    _check(
+        not small,
+        "optim.batch_size",
+        f"each worker's micro-batch must hold at least 2 images (BatchNorm) at {span}; at size(s) "
+        f"{', '.join(map(str, small))} it holds fewer. Raise optim.batch_size or lower the range's max",
     )
 
 

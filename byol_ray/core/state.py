@@ -21,9 +21,11 @@ from ..errors import UserError
 from .model import OnlineNetwork
 
 STATE_FILE = "state.pt"
-# Config sections that must match for a checkpoint to be resumable (run/eval/tracking may change).
-# train_subset and steps_per_epoch set the steps per epoch (a change would leave the restored step count
-# out of step with the lr/tau schedule); a different optimizer cannot load the saved optimizer state.
+# Config sections that must match for a checkpoint to be resumable (run/eval/tracking may change, the
+# number of workers too: the global batch and the step count do not depend on it, and the state loads
+# into a group of any size). train_subset and steps_per_epoch set the steps per epoch (a change would
+# leave the restored step count out of step with the lr/tau schedule); a different optimizer cannot load
+# the saved optimizer state.
 _MUST_MATCH = (
     "model",
     "data.dataset",
@@ -34,7 +36,6 @@ _MUST_MATCH = (
     "optim.steps_per_epoch",
     "optim.optimizer",
     "optim.accumulate_steps",
-    "run.num_workers",
 )
 
 
@@ -51,6 +52,7 @@ class TrainState:
     mlflow_run_id: str = ""
     collapsed: bool = False  # the run stopped for good on a collapsed representation
     plan: dict[str, Any] = field(default_factory=dict)  # training.plan.StepPlan: total steps, budget
+    world_size: int = 0  # workers of the group that wrote it (0: unknown, a state from before it was kept)
 
     def to_file_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +65,7 @@ class TrainState:
             "mlflow_run_id": self.mlflow_run_id,
             "collapsed": self.collapsed,
             "plan": self.plan,
+            "world_size": self.world_size,
         }
 
     @classmethod
@@ -77,6 +80,7 @@ class TrainState:
             mlflow_run_id=str(d.get("mlflow_run_id", "")),
             collapsed=bool(d.get("collapsed", False)),
             plan=dict(d.get("plan") or {}),
+            world_size=int(d.get("world_size", 0)),
         )
 
 

@@ -191,13 +191,13 @@ def worker_capacity(cfg: Config, nodes: list[dict[str, float]] | None = None) ->
 
 def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) -> None:
     """Fail in seconds when the cluster (`nodes`; default: the connected cluster's live nodes) can never
-    hold the worker group (Ray would wait forever)."""
+    hold the worker group (Ray would wait forever); an elastic group needs room for its min only."""
     r = cfg.run
     need_gpu = worker_resources(cfg).get("GPU", 0.0)
     local = nodes is not None
     caps = _node_capacities(cfg, live_nodes() if nodes is None else nodes)
     fit = sum(f for _, _, f in caps)
-    if fit < r.num_workers:
+    if fit < r.min_workers:
         total_cpu = sum(c for c, _, _ in caps)
         total_gpu = sum(g for _, g, _ in caps)
         where = (
@@ -206,7 +206,9 @@ def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) ->
             else f"the Ray cluster's {len(caps)} node(s)"
         )
         raise ResourceError(
-            f"the Ray cluster cannot hold {r.num_workers} worker(s) x {r.cpus_per_worker:g} CPU"
+            f"the Ray cluster cannot hold {r.min_workers} worker(s)"
+            + (f" (the min of run.num_workers {r.describe_workers()})" if r.elastic else "")
+            + f" x {r.cpus_per_worker:g} CPU"
             + (f" + {need_gpu:g} GPU" if need_gpu else "")
             + f": {where} {'has' if local else 'have'} {total_cpu:g} CPUs and {total_gpu:g} GPUs in all, room for "
             f"{fit} such worker(s). Lower run.num_workers / run.cpus_per_worker / run.gpus_per_worker, or "
@@ -215,10 +217,11 @@ def check_resources(cfg: Config, nodes: list[dict[str, float]] | None = None) ->
 
 
 def request_worker_group(cfg: Config) -> None:
-    """On an autoscaling cluster: ask for the whole worker group up front, so GPU nodes start now."""
+    """On an autoscaling cluster: ask for the whole worker group (an elastic one at its max) up front, so
+    GPU nodes start now."""
     from ray.autoscaler.sdk import request_resources
 
-    request_resources(bundles=[worker_resources(cfg)] * cfg.run.num_workers)
+    request_resources(bundles=[worker_resources(cfg)] * cfg.run.max_workers)
 
 
 def training_device(cfg: Config) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 import ray.train
+from ray.train.v2.api.config import ScalingConfig  # v2's, with (min, max); mypy sees v1's as ray.train's
 
 from ..config import Config, apply_gpu_recipe
 from ..tracking.tracker import Tracker, open_training_run, undelivered_path, worker_tracker
@@ -109,8 +110,14 @@ def _fit(cfg: Config, uri: str, tracker: Tracker | None, callbacks: list | None)
         datasets={ingest.DATASET: functools.partial(ingest.train_dataset, cfg.to_dict())}
         if ingest.uses_ray_data(cfg)
         else None,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.run.num_workers, use_gpu="GPU" in resources, resources_per_worker=resources
+        # An elastic range goes to Ray as (min, max): Ray Train starts with the workers that fit, restarts a
+        # smaller group from the latest checkpoint when a node is lost, and every run.resize_interval_s
+        # restarts it larger from that checkpoint when nodes return.
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.num_workers,
+            elastic_resize_monitor_interval_s=cfg.run.resize_interval_s,
+            use_gpu="GPU" in resources,
+            resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,

@@ -53,13 +53,14 @@ def uses_ray_data(cfg: Config) -> bool:
 
 def check_ingest_capacity(cfg: Config) -> None:
     """Connected: the cluster keeps at least one CPU beside the worker group for the decode tasks, which
-    would otherwise wait for ever (Ray Train reserves the workers' CPUs away from Ray Data)."""
+    would otherwise wait for ever (Ray Train reserves the workers' CPUs away from Ray Data); an elastic
+    group at its max."""
     total = float(ray.cluster_resources().get("CPU", 0.0))
-    workers = cfg.run.num_workers * cfg.run.cpus_per_worker
+    workers = cfg.run.max_workers * cfg.run.cpus_per_worker
     if total - workers < 1.0:
         raise IngestResourceError(
             f"data.loader=ray_data decodes and crops in Ray Data tasks, which need at least one CPU beside the "
-            f"training workers, but the Ray cluster has {total:g} CPUs and the {cfg.run.num_workers} worker(s) "
+            f"training workers, but the Ray cluster has {total:g} CPUs and the {cfg.run.max_workers} worker(s) "
             f"take {workers:g}. Lower run.num_workers or run.cpus_per_worker, add a (CPU-only) node, or use "
             f"data.loader=dataloader."
         )

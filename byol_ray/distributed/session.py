@@ -51,6 +51,6 @@ class RaySession:
             return
         with tempfile.TemporaryDirectory() as tmp:
             save_state(tmp, state)
-            if state.config.get("debug", {}).get("pause_at") == "checkpoint":
+            if "checkpoint" in (state.config.get("debug", {}).get("pause_at") or []):
                 pause_point(Config.from_dict(state.config), self.rank, "checkpoint")  # written, not yet Ray's
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -76,7 +76,7 @@ def max_concurrent_trials(cfg: Config, nodes: list[dict[str, float]] | None = No
     a fraction each) and the trials' own drivers (memory). `cfg` is the config the trials' workers get
     (with the GPU recipe applied on GPUs)."""
     nodes = live_nodes() if nodes is None else nodes
-    groups = worker_capacity(cfg, nodes) // cfg.run.num_workers
+    groups = worker_capacity(cfg, nodes) // cfg.run.max_workers
     drivers = sum(int(n.get("memory", 0) // TRIAL_DRIVER_RESOURCES["memory"]) for n in nodes)
     return max(1, min(groups, drivers))
 
@@ -91,7 +91,7 @@ def describe_devices(cfg: Config, device: str, nodes: list[dict[str, float]] | N
     if g < 1:
         share = f"{workers_per_gpu(g)} trials per GPU (run.gpus_per_worker={g:g})"
     else:
-        share = f"{g * cfg.run.num_workers:g} GPU(s) per trial"
+        share = f"{g * cfg.run.max_workers:g} GPU(s) per trial"
     return f"{share} on {gpus:g} GPU(s), GPU recipe (on_gpu) applied"
 
 

@@ -81,7 +81,7 @@ def open_parent(
             ROLE_TAG: "sweep",
             ABLATION_TAG: spec.ablation,
             "mlflow.note.content": spec.description or spec.ablation,
-            **environment_tags(base.run.num_workers),
+            **environment_tags(base.run.describe_workers()),
         },
     )
     tracker = Tracker(uri, run.info.run_id)

@@ -56,14 +56,15 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def environment_tags(world_size: int) -> dict[str, str]:
+def environment_tags(world_size: str) -> dict[str, str]:
+    """Where the run ran; `world_size` is run.num_workers as RunConfig.describe_workers writes it ("[1, 2]")."""
     return {
         "git_commit": git_commit(),
         "torch_version": _version("torch"),
         "ray_version": _version("ray"),
         "mlflow_version": _version("mlflow"),
         "python_version": platform.python_version(),
-        "world_size": str(world_size),
+        "world_size": world_size,
     }
 
 
@@ -383,7 +384,7 @@ def open_training_run(
     else:
         tracker = Tracker.start(
             cfg,
-            tags={**environment_tags(cfg.run.num_workers), **(tags or {})},
+            tags={**environment_tags(cfg.run.describe_workers()), **(tags or {})},
             parent_run_id=parent_run_id,
             run_name=run_name,
         )

@@ -243,7 +243,7 @@ def pretrain(
             f"worker(s), device {device}, encoder {cfg.model.backbone} (stem {cfg.model.stem}, width "
             f"{cfg.model.width}, dim {trainer.encoder.out_dim}), precision {trainer.precision}"
         )
-    start_epoch, restarts, run_id, resumed_plan = resume(cfg, session, trainer, device, run_id)
+    start_epoch, restarts, run_id, resumed_plan, resized = resume(cfg, session, trainer, device, run_id)
     own_plan = resumed_plan is None and plan is None  # only a plan this run made is re-planned
     plan = resumed_plan or plan
     if plan is None:
@@ -270,6 +270,8 @@ def pretrain(
             plan = replan_after_epoch(cfg, trainer, plan, epoch, metrics, rank, t_start, data.device)
         metrics["planned_steps"] = plan.total_steps
         rows, collapsed = end_of_epoch(cfg, trainer, data, epoch, metrics, session, tracker, run_id, restarts, plan)
+        if resized and epoch == start_epoch:
+            pause_point(cfg, rank, "resized")
         if collapsed:
             break
         epoch += 1
@@ -302,12 +304,13 @@ def replan_after_epoch(
 
 def resume(
     cfg: Config, session: Session, trainer: Pretrainer, device: torch.device, run_id: str
-) -> tuple[int, int, str, StepPlan | None]:
+) -> tuple[int, int, str, StepPlan | None, bool]:
     """Load the session's latest checkpoint into the replica: (first epoch to train, restarts, MLflow run,
-    the run's plan: a resumed run keeps the schedule it started with)."""
+    the run's plan: a resumed run keeps the schedule it started with, whether the group that wrote the
+    checkpoint had another size)."""
     state = session.latest_state()
     if state is None:
-        return 0, 0, run_id, None
+        return 0, 0, run_id, None, False
     check_compatible(state, cfg)
     trainer.load_state_dict(_to(state.trainer, device))
     torch.set_rng_state(state.rng)
@@ -316,7 +319,24 @@ def resume(
     start_epoch = plan.epochs if state.collapsed else state.epoch  # a collapsed run stopped for good
     if session.rank == 0:
         log(f"[resume] from epoch {start_epoch} (step {trainer.step}) of the run's plan, restart #{restarts}")
-    return start_epoch, restarts, run_id or state.mlflow_run_id, plan
+    resized = bool(state.world_size) and state.world_size != session.world_size
+    if resized:
+        report_resize(cfg, trainer, session, state.world_size, start_epoch)
+    return start_epoch, restarts, run_id or state.mlflow_run_id, plan, resized
+
+
+def report_resize(cfg: Config, trainer: Pretrainer, session: Session, old: int, start_epoch: int) -> None:
+    """An elastic group restarted at another size: the replicas loaded from the checkpoint are compared at
+    once (not only at the epoch's end), and rank 0 says so in one line. Nothing else changes with the size:
+    the global batch, the step count and hence the lr and tau schedules are those of the checkpoint."""
+    new = session.world_size
+    check_replicas(trainer, session.rank, new)
+    if session.rank == 0:
+        b = cfg.optim.batch_size
+        log(
+            f"[elastic] group resized {old} -> {new} worker(s) at epoch {start_epoch + 1} (step {trainer.step}); "
+            f"per-worker batch {b // old} -> {b // new}"
+        )
 
 
 def make_plan(cfg: Config, trainer: Pretrainer, data: TrainData, rank: int, world: int, t_start: float) -> StepPlan:
@@ -426,6 +446,7 @@ def train_one_epoch(
             "lr": trainer.lr(),
             "tau": trainer.tau(),
             "images_per_s": spe * cfg.optim.batch_size / elapsed,
+            "workers": world,
             "epoch_seconds": elapsed,
         }
     )
@@ -486,6 +507,7 @@ def end_of_epoch(
             mlflow_run_id=run_id,
             collapsed=collapsed,
             plan=plan.to_dict(),
+            world_size=session.world_size,
         )
     session.report(metrics, state)
     if collapsed and rank == 0:
@@ -557,7 +579,7 @@ def pause_point(cfg: Config, rank: int, phase: str) -> None:
     """Fault injection: hold rank 0 once at `phase` (debug.pause_at) for debug.pause_s seconds, after writing
     a marker file that says the run got there, so that a test can kill the driver in that phase; a rerun
     finds the marker and goes through."""
-    if cfg.debug.pause_at != phase or rank != 0:
+    if phase not in cfg.debug.pause_at or rank != 0:
         return
     marker = cfg.output_dir / f".paused_{cfg.run.name}_{phase}"
     if marker.exists():

@@ -353,3 +353,73 @@ def test_total_steps_fixes_the_plan_and_excludes_a_time_budget():
         load_config(None, ["optim.total_steps=7", "optim.time_budget_minutes=3"])
     with pytest.raises(ConfigError, match=r"optim\.total_steps: must be >= 0"):
         load_config(None, ["optim.total_steps=-1"])
+
+
+def test_a_worker_range_loads_from_yaml_and_the_command_line(tmp_path):
+    from_yaml = load_config(write(tmp_path, "run:\n  num_workers: [2, 8]\n"), ["optim.batch_size=840"])
+    from_cli = load_config(None, ["run.num_workers=[2,8]", "optim.batch_size=840"])
+    for cfg in (from_yaml, from_cli):
+        r = cfg.run
+        assert (r.num_workers, r.min_workers, r.max_workers, r.elastic) == ((2, 8), 2, 8, True)
+        assert list(r.group_sizes) == [2, 3, 4, 5, 6, 7, 8] and r.describe_workers() == "[2, 8]"
+    # Saved as a list (checkpoints, MLflow params) and read back as the same range.
+    assert from_cli.to_dict()["run"]["num_workers"] == [2, 8]
+    assert Config.from_dict(from_cli.to_dict()).run.num_workers == (2, 8)
+    # A number stays a fixed group, min = max.
+    fixed = load_config(None, ["run.num_workers=2"]).run
+    assert (fixed.num_workers, fixed.min_workers, fixed.max_workers, fixed.elastic) == (2, 2, 2, False)
+    assert list(fixed.group_sizes) == [2] and fixed.describe_workers() == "2"
+    assert load_config(None, ["run.num_workers=[3,3]", "optim.batch_size=96"]).run.group_sizes == range(3, 4)
+
+
+@pytest.mark.parametrize(
+    "value, said",
+    [
+        ("[0,2]", "must be >= 1 worker, got [0, 2]"),
+        ("[3,2]", "needs max >= min, got [3, 2]"),
+        ("[1.5,2]", "expected an integer or a list of 2 integers, got [1.5, 2]"),
+        ("[1,2,4]", "expected an integer or a list of 2 integers, got [1, 2, 4]"),
+        ("[1]", "expected an integer or a list of 2 integers, got [1]"),
+        ("[true,2]", "expected an integer or a list of 2 integers"),
+        ("two", "expected an integer or a list of 2 integers, got 'two'"),
+        ("0", "must be >= 1 worker, got 0"),
+    ],
+)
+def test_a_bad_worker_range_is_refused_at_load_time(value, said):
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, [f"run.num_workers={value}"])
+    assert str(ei.value).startswith("run.num_workers: ") and said in str(ei.value), str(ei.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, bad, good",
+    [
+        # 64 images split into 1, 2 and 4 micro-batches, not 3.
+        (["optim.batch_size=64", "run.num_workers=[1,4]"], "does not at size(s) 3.", "[1,2]"),
+        # With 2 accumulation steps: 2 x 3, 2 x 5, 2 x 6, 2 x 7 do not divide 16.
+        (
+            ["optim.batch_size=16", "optim.accumulate_steps=2", "run.num_workers=[2,8]"],
+            "does not at size(s) 3, 5, 6, 7.",
+            "[1,2]",
+        ),
+        # 4 images split into 2 accumulation steps on 1 or 2 workers, but 2 workers get 1-image micro-batches.
+        (
+            ["optim.batch_size=4", "optim.accumulate_steps=2", "run.num_workers=[1,2]"],
+            "at size(s) 2 it holds fewer",
+            "[1,1]",
+        ),
+    ],
+)
+def test_every_group_size_of_a_range_must_split_the_global_batch(overrides, bad, good):
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, overrides)
+    assert str(ei.value).startswith("optim.batch_size: ") and bad in str(ei.value), str(ei.value)
+    assert "every group size of run.num_workers" in str(ei.value)
+    # The same batch with a range every size of which splits it loads.
+    assert load_config(None, [*overrides[:-1], f"run.num_workers={good}"]).run.elastic
+
+
+def test_a_range_counts_as_several_workers_for_the_one_gpu_graph_modes():
+    with pytest.raises(ConfigError, match=r"run\.compile_mode"):
+        load_config(None, ["run.compile=true", "run.compile_mode=graph", "run.device=cuda", "run.num_workers=[1,2]"])
+    assert load_config(None, ["run.compile=true", "run.compile_mode=graph", "run.device=cuda", "run.num_workers=[1,1]"])

@@ -1,4 +1,4 @@
-"""Two real Ray nodes on this machine (`ray start --head`, then `ray start --address`), one CPU each, and a
+"""Two real Ray nodes on this machine (conftest's `two_nodes`), one CPU each, and a
 2-worker training connected with `run.address`: one worker lands on each node, checkpoints go to the
 shared `run.storage_path`, and the run finishes in MLflow."""
 
@@ -6,63 +6,18 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import REPO, TINY, kill_cluster
-
-from byol_ray.tracking.server import free_port
+from conftest import REPO, TINY
 
 pytestmark = pytest.mark.ray
 
-BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def two_nodes():
-    # Short path: Ray's unix sockets live under it (107-byte limit).
-    temp_dir = tempfile.mkdtemp(prefix="rmn", dir="/tmp")
-    # Ray 2.60's head turns on token authentication (token in ~/.ray/auth_token); the second node and the
-    # driver present the token only with RAY_AUTH_MODE=token.
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    port = free_port()
-    head = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        f"--port={port}",
-        "--num-cpus=1",
-        f"--temp-dir={temp_dir}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        "--disable-usage-stats",
-    ]
-    second = [
-        str(BIN / "ray"),
-        "start",
-        f"--address=127.0.0.1:{port}",
-        "--num-cpus=1",
-        f"--dashboard-agent-listen-port={free_port()}",
-        "--disable-usage-stats",
-    ]
-    try:
-        for cmd in (head, second):
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        yield f"127.0.0.1:{port}", env
-    finally:
-        kill_cluster(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
 
 def test_two_workers_train_on_two_nodes(two_nodes, tmp_path):
-    address, env = two_nodes
+    address, env = two_nodes.address, two_nodes.env
     env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
     shared = tmp_path / "shared"
     cmd = [
@@ -119,7 +74,7 @@ def test_embed_runs_on_two_nodes(two_nodes, tmp_path, fmnist_root):
     from byol_ray.eval.embedding import fit_channels, input_stats
     from byol_ray.eval.scoring import extract_features
 
-    address, env = two_nodes
+    address, env = two_nodes.address, two_nodes.env
     cfg = load_config(None, SMALL_MODEL + [f"data.root={fmnist_root}", "data.train_subset=3000"])
     ckpt = write_checkpoint(cfg, tmp_path / "ckpt" / "checkpoint_000001")
     val = write_image_folder(tmp_path / "imgs") / "val"

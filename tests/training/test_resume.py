@@ -73,12 +73,14 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
         config=cfg.to_dict(),
         rng=torch.get_rng_state(),
         mlflow_run_id="abc",
+        world_size=3,
     )
     save_state(tmp_path / "ck", state)
     assert not (tmp_path / "ck" / (STATE_FILE + ".tmp")).exists()
     loaded = load_state(tmp_path / "ck")
     assert isinstance(loaded, TrainState) and loaded.config == cfg.to_dict()
     assert (loaded.epoch, loaded.in_channels, loaded.mlflow_run_id, loaded.restarts) == (1, 1, "abc", 0)
+    assert loaded.world_size == 3
     assert torch.equal(loaded.rng, state.rng)
     assert Config.from_dict(loaded.config) == cfg
 
@@ -153,7 +155,7 @@ def _run(cfg: Config, directory, keep: int = 3) -> tuple[LocalSession, dict]:
     return session, pretrain(cfg, session)
 
 
-def test_resumed_run_continues_exactly(tmp_path, fmnist_root):
+def test_resumed_run_continues_exactly(tmp_path, fmnist_root, capsys):
     cfg = tiny_cfg(**{"data.root": fmnist_root})
     full, out_full = _run(cfg, tmp_path / "A")
     assert [r["epoch"] for r in full.reports] == [1, 2, 3]
@@ -186,6 +188,23 @@ def test_resumed_run_continues_exactly(tmp_path, fmnist_root):
     # The epochs actually trained: the epoch-1 and final weights differ.
     ep1 = load_state(tmp_path / "A" / "checkpoint_000001").trainer["online"]
     assert any(not torch.equal(ep1[k], v) for k, v in ta.online.state_dict().items() if v.is_floating_point())
+
+    # The same checkpoint as a two-worker group would have written it, resumed by one worker (an elastic
+    # group that lost a node): one line says so, and the run goes on as before, with the workers metric.
+    (tmp_path / "C").mkdir()
+    two = load_state(tmp_path / "A" / "checkpoint_000001")
+    assert two.world_size == 1  # a group records its size in its checkpoints
+    two.world_size = 2
+    save_state(tmp_path / "C" / "checkpoint_000001", two)
+    capsys.readouterr()
+    shrunk, _ = _run(cfg, tmp_path / "C")
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[elastic]")]
+    assert said == ["[elastic] group resized 2 -> 1 worker(s) at epoch 2 (step 3); per-worker batch 32 -> 64"]
+    assert [r["workers"] for r in shrunk.reports] == [1, 1]
+    assert [(r["loss"], r["target_checksum"]) for r in shrunk.reports] == [
+        (r["loss"], r["target_checksum"]) for r in resumed.reports
+    ]
+    assert load_state(tmp_path / "C" / "checkpoint_000003").world_size == 1
 
     # A finished run resumed again trains nothing more.
     again = LocalSession(tmp_path / "A", keep=3)
@@ -220,6 +239,8 @@ def test_check_compatible_rejects_a_different_config(override, field):
         cfg.replace(
             {
                 "run.log_every": 7,
+                # The group size too: the state loads into any size of group (an elastic one resizes).
+                "run.num_workers": [1, 2],
                 "eval.knn_k": 3,
                 "tracking.enabled": True,
             }
