@@ -45,7 +45,6 @@ DOCKERFILE = KUBERAY / "Dockerfile"
 IMAGE_ROOT = "/opt/byol-ray"  # where the Dockerfile puts the repository in the image
 # A resource's own metadata is ObjectMeta, which the API server checks itself: the CRD says only `type: object`.
 OBJECT_META = {"name", "generateName", "namespace", "labels", "annotations", "finalizers", "ownerReferences"}
-ELASTIC_KEY = "run.num_workers"
 
 
 @pytest.fixture(scope="module")
@@ -152,22 +151,17 @@ def entry_config(argv: list[str]) -> tuple[Config, tuple[int, int], int]:
     """The entrypoint's config as a worker gets it (a sweep's baseline trial), its elastic range of workers,
     and how many worker groups run at once (a sweep's --max-concurrent)."""
     overrides = [a for a in argv[2:] if re.match(r"[a-z]+\.[\w.]+=", a)]
-    elastic = [o for o in overrides if o.startswith(ELASTIC_KEY + "=")]
-    # The `[min, max]` form is compared with the groups here; the rest must load as the real config.
-    rest = [o for o in overrides if o not in elastic]
     if argv[1] == "sweep":
-        spec = load_sweep(argv[2], rest)
-        cfg = spec.trial_config(spec.baseline, 0, rest)
+        spec = load_sweep(argv[2], overrides)
+        cfg = spec.trial_config(spec.baseline, 0, overrides)
         concurrency = int(option(argv, "--max-concurrent") or 0)
     else:
         config = option(argv, "--config") or ""
         if not config.startswith(IMAGE_ROOT + "/"):
             raise UserError(f"--config {config} is not a file of the repository in the image ({IMAGE_ROOT})")
-        cfg = load_config(str(REPO / config.removeprefix(IMAGE_ROOT + "/")), rest)
+        cfg = load_config(str(REPO / config.removeprefix(IMAGE_ROOT + "/")), overrides)
         concurrency = 1
-    workers = yaml.safe_load(elastic[-1].partition("=")[2]) if elastic else cfg.run.num_workers
-    lo, hi = (workers[0], workers[-1]) if isinstance(workers, (list, tuple)) else (workers, workers)
-    return cfg, (lo, hi), concurrency
+    return cfg, (cfg.run.min_workers, cfg.run.max_workers), concurrency
 
 
 def pods(spec: dict) -> dict[str, dict]:

@@ -185,8 +185,9 @@ class RunConfig:
     # Ray Train workers (data-parallel replicas): a number, or [min, max] for an elastic group that starts
     # with as many as fit (at least min) and grows back to max when nodes return; each resize restarts the
     # group from the latest checkpoint. The global batch, the lr and tau schedules and the EMA stay as
-    # configured at every size (the per-worker batch is batch_size // size), so every size in the range
-    # must split optim.batch_size / optim.accumulate_steps evenly into micro-batches of at least 2 images.
+    # configured at every size: each worker takes its share of the global batch (a size that does not divide
+    # it gives the first workers one image more, and each share's gradient is weighted by its size), split
+    # into accumulate_steps micro-batches of at least 2 images at the largest size.
     # Read it through min_workers / max_workers / elastic.
     num_workers: int | tuple[int, int] = 1
     cpus_per_worker: float = 2.0

@@ -218,33 +218,19 @@ def _check_worker_range(cfg: ConfigFields) -> None:
 
 
 def _check_batch_split(cfg: ConfigFields) -> None:
-    """The global batch splits into equal micro-batches of at least 2 images (BatchNorm) at every group size
-    the run may train at: an elastic run keeps the global batch when it resizes, so each size must fit."""
+    """The global batch splits into micro-batches of at least 2 images (BatchNorm) at every group size the
+    run may train at. Shares need not be equal: `training.loop.worker_share` gives the first workers one
+    image more and the engine weights each micro-batch by its size, so the step's gradient is the global
+    batch's mean at any size (an elastic run keeps its global batch when it resizes)."""
     o, r = cfg.optim, cfg.run
-    uneven = [n for n in r.group_sizes if o.batch_size % (o.accumulate_steps * n)]
     small = [n for n in r.group_sizes if o.batch_size // (o.accumulate_steps * n) < 2]
-    if not r.elastic:
-        _check(
-            not uneven,
-            "optim.batch_size",
-            f"{o.batch_size} must divide evenly into accumulate_steps ({o.accumulate_steps}) x "
-            f"run.num_workers ({r.num_workers}) micro-batches",
-        )
-        _check(not small, "optim.batch_size", "each worker's micro-batch must hold at least 2 images (BatchNorm)")
-        return
-    span = f"every group size of run.num_workers {r.describe_workers()} (an elastic run keeps its global batch)"
-    _check(
-        not uneven,
-        "optim.batch_size",
-        f"{o.batch_size} must divide evenly into accumulate_steps ({o.accumulate_steps}) x workers micro-batches "
-        f"at {span}; it does not at size(s) {', '.join(map(str, uneven))}. Pick a batch size that every size "
-        f"from {r.min_workers} to {r.max_workers} divides, or narrow the range",
-    )
+    at = f"at size(s) {', '.join(map(str, small))} of run.num_workers {r.describe_workers()}" if r.elastic else ""
     _check(
         not small,
         "optim.batch_size",
-        f"each worker's micro-batch must hold at least 2 images (BatchNorm) at {span}; at size(s) "
-        f"{', '.join(map(str, small))} it holds fewer. Raise optim.batch_size or lower the range's max",
+        f"each worker's micro-batch must hold at least 2 images (BatchNorm): {o.batch_size} images over "
+        f"accumulate_steps ({o.accumulate_steps}) x {r.max_workers} worker(s) leave fewer{' ' + at if at else ''}. "
+        f"Raise optim.batch_size, or lower optim.accumulate_steps or the number of workers",
     )
 
 

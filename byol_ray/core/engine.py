@@ -216,6 +216,11 @@ class Pretrainer:
         n_micro = len(micro_batches)
         parts = []
         for i, (images, labels) in enumerate(micro_batches):
+            # Each micro-batch's mean loss, weighted by its share of the global batch: DDP averages the
+            # workers' gradients, so dividing by B / (its images x workers) makes the step's gradient the
+            # global batch's mean even when the shares differ by an image (an elastic group of a size that
+            # does not divide the batch, or accumulation steps that do not). Equal shares: exactly n_micro.
+            share = self.cfg.optim.batch_size / (images.shape[0] * self.world_size)
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             v1, v2 = self.make_views(images)
@@ -226,11 +231,11 @@ class Pretrainer:
                 ctx = contextlib.nullcontext()
             with ctx:
                 y1, z1, loss = self.forward_loss(v1, v2)
-                (loss / n_micro).backward()
-            probe_loss, correct, count = self._probe_backward(y1.detach(), labels, n_micro)
+                (loss / share).backward()
+            probe_loss, correct, count = self._probe_backward(y1.detach(), labels, share)
             parts.append(
                 torch.stack(
-                    [loss.detach() / n_micro, probe_loss / n_micro, correct, count, representation_std(z1) / n_micro]
+                    [loss.detach() / share, probe_loss / share, correct, count, representation_std(z1) / share]
                 ).double()
             )
         if self.cfg.optim.grad_clip > 0:
@@ -274,7 +279,7 @@ class Pretrainer:
         loss = byol_loss(q1.float(), q2.float(), t1.float(), t2.float())
         return y1.float(), z1, loss
 
-    def _probe_backward(self, feats: torch.Tensor, labels: torch.Tensor, n_micro: int):
+    def _probe_backward(self, feats: torch.Tensor, labels: torch.Tensor, share: float):
         """The online probe's loss on this micro-batch's labelled images (label -1 = unlabelled, as in
         STL-10's unlabeled split) and its backward; (loss, correct, labelled) as device scalars. The
         unlabelled images are masked out rather than dropped, so shapes never depend on the labels."""
@@ -286,7 +291,7 @@ class Pretrainer:
         count = keep.sum()
         losses = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
         loss = torch.where(keep, losses, 0.0).sum() / count.clamp(min=1)
-        (loss / n_micro).backward()
+        (loss / share).backward()
         correct = ((logits.argmax(1) == labels) & keep).sum()
         return loss.detach(), correct.float(), count.float()
 

@@ -195,13 +195,20 @@ def epoch_order(cfg: Config, data: TrainData, epoch: int) -> torch.Tensor:
     return perm.to(data.images.device) if data.images is not None else perm
 
 
+def worker_share(batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """(offset, size) of this worker's share of a global batch: `world` disjoint shares that cover it, the
+    first `batch_size % world` of them one image larger (the engine weights each by its size)."""
+    base, extra = divmod(batch_size, world)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
 def worker_batches(cfg: Config, perm: torch.Tensor, step: int, rank: int, world: int) -> list[torch.Tensor]:
-    """This worker's micro-batch indices for one optimiser step: a disjoint 1/world share of the global
-    batch, split into `accumulate_steps` micro-batches."""
+    """This worker's micro-batch indices for one optimiser step: its disjoint share of the global batch
+    (`worker_share`), split into `accumulate_steps` micro-batches whose sizes differ by at most one."""
     b = cfg.optim.batch_size
-    per_worker = b // world
-    mine = perm[step * b + rank * per_worker : step * b + (rank + 1) * per_worker]
-    return list(mine.chunk(cfg.optim.accumulate_steps))
+    offset, size = worker_share(b, rank, world)
+    mine = perm[step * b + offset : step * b + offset + size]
+    return list(mine.tensor_split(cfg.optim.accumulate_steps))
 
 
 def epoch_batches(
@@ -335,8 +342,15 @@ def report_resize(cfg: Config, trainer: Pretrainer, session: Session, old: int, 
         b = cfg.optim.batch_size
         log(
             f"[elastic] group resized {old} -> {new} worker(s) at epoch {start_epoch + 1} (step {trainer.step}); "
-            f"per-worker batch {b // old} -> {b // new}"
+            f"per-worker batch {share_sizes(b, old)} -> {share_sizes(b, new)}"
         )
+
+
+def share_sizes(batch_size: int, world: int) -> str:
+    """The workers' shares of a global batch, as a resize line shows them: `64`, or `1366/1365` when they
+    differ by an image."""
+    sizes = sorted({worker_share(batch_size, r, world)[1] for r in range(world)}, reverse=True)
+    return "/".join(map(str, sizes))
 
 
 def make_plan(cfg: Config, trainer: Pretrainer, data: TrainData, rank: int, world: int, t_start: float) -> StepPlan:

@@ -135,9 +135,9 @@ CASES = [
     Case("unknown-choice", ["train", "model.backbone=resnet9"], ["model.backbone", "choose one of", "resnet18"]),
     Case("override-without-equals", ["train", "optim.epochs"], ["section.key=value"]),
     Case(
-        "batch-not-divisible",
-        ["train", "optim.batch_size=30", "run.num_workers=4"],
-        ["optim.batch_size", "divide evenly"],
+        "micro-batch-below-2",
+        ["train", "optim.batch_size=12", "optim.accumulate_steps=2", "run.num_workers=[2,4]"],
+        ["optim.batch_size", "at least 2 images", "at size(s) 4 of run.num_workers [2, 4]"],
     ),
     Case(
         "missing-config-file", ["train", "--config", "{tmp}/nope.yaml"], ["does not exist", "experiments/fmnist.yaml"]
