@@ -553,10 +553,19 @@ def final_evaluation(cfg: Config, trainer: Pretrainer, data: TrainData) -> list[
         f"[eval] linear probe and kNN (k={cfg.eval.knn_k}) on {len(train.images)} train / "
         f"{len(test.images)} test images"
     )
+    return evaluate_on_run_data(cfg, data, encoders)
+
+
+def evaluate_on_run_data(
+    cfg: Config, data: TrainData, encoders: dict[str, torch.nn.Module | None], say: Callable[[str], None] = log
+) -> list[EvalRow]:
+    """The run's evaluator (cfg.eval: linear probe and kNN) of `encoders` on the run's own train and test
+    splits, at its image size and normalisation."""
+    test = data.test_split()
     return evaluate_encoders(
         encoders,
-        train.images,
-        train.labels,
+        data.split.images,
+        data.split.labels,
         test.images,
         test.labels,
         cfg.data.image_size,
@@ -564,7 +573,7 @@ def final_evaluation(cfg: Config, trainer: Pretrainer, data: TrainData) -> list[
         data.inputs.std,
         cfg.eval,
         data.device,
-        log,
+        say,
     )
 
 

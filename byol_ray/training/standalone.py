@@ -14,8 +14,7 @@ from typing import Any
 
 from ..config import Config
 from ..eval.encoders import untrained_encoder
-from ..eval.scoring import evaluate_encoders
-from .loop import build_trainer, load_train_data, log, make_plan, training_device
+from .loop import build_trainer, evaluate_on_run_data, load_train_data, make_plan, training_device
 
 
 def measure_plan(config: dict[str, Any]) -> dict[str, Any]:
@@ -33,21 +32,7 @@ def score_untrained(config: dict[str, Any]) -> dict[str, float]:
     """Linear probe and kNN top-1 (the config's `eval` protocol, on its data) of the encoder a run of this
     config starts from, before its first step."""
     cfg = Config.from_dict(config)
-    device = training_device(cfg)
-    data = load_train_data(cfg, device)
-    train, test = data.split, data.test_split()
-    encoder = untrained_encoder(cfg, data.inputs.channels, cfg.run.seed, device)
-    (row,) = evaluate_encoders(
-        {"untrained encoder": encoder},
-        train.images,
-        train.labels,
-        test.images,
-        test.labels,
-        cfg.data.image_size,
-        data.inputs.mean,
-        data.inputs.std,
-        cfg.eval,
-        device,
-        log,
-    )
+    data = load_train_data(cfg, training_device(cfg))
+    encoder = untrained_encoder(cfg, data.inputs.channels, cfg.run.seed, data.device)
+    (row,) = evaluate_on_run_data(cfg, data, {"untrained encoder": encoder})
     return {"linear_top1": row.linear_top1, "knn_top1": row.knn_top1}

@@ -9,8 +9,7 @@ import torch
 
 from byol_ray.config import Config
 from byol_ray.eval.encoders import untrained_encoder
-from byol_ray.eval.scoring import evaluate_encoders
-from byol_ray.training.loop import build_trainer, load_train_data, pretrain
+from byol_ray.training.loop import build_trainer, evaluate_on_run_data, load_train_data, pretrain
 from byol_ray.training.session import LocalSession
 from byol_ray.training.standalone import measure_plan, score_untrained
 
@@ -40,21 +39,8 @@ def test_the_untrained_score_is_the_score_of_the_encoder_a_run_of_that_seed_star
     assert not torch.equal(other["conv1.weight"], ours["conv1.weight"])  # the seed decides it
 
     # The score is that encoder's, with the run's evaluator on the run's data.
-    test = data.test_split()
     start = copy.deepcopy(start).to(memory_format=torch.contiguous_format)
-    (row,) = evaluate_encoders(
-        {"start": start},
-        data.split.images,
-        data.split.labels,
-        test.images,
-        test.labels,
-        cfg.data.image_size,
-        data.inputs.mean,
-        data.inputs.std,
-        cfg.eval,
-        cpu,
-        lambda _line: None,
-    )
+    (row,) = evaluate_on_run_data(cfg, data, {"start": start}, lambda _line: None)
     assert score_untrained(cfg.to_dict()) == {"linear_top1": row.linear_top1, "knn_top1": row.knn_top1}
     assert 10.0 < row.knn_top1 < 100.0  # a real score: above chance on 10 classes even untrained
 
