@@ -58,7 +58,9 @@ def test_presets_load_with_every_paper_row(fmnist_root):
     batch = load_sweep("batch")
     acc = batch.trial_config("1024 (4 x 256 accumulated)", 0, [])
     assert (acc.optim.batch_size, acc.optim.accumulate_steps) == (1024, 4)
-    assert (batch.hold, batch.steps, tau.hold) == ("images", 0, "steps")  # planned when the sweep starts
+    # Every preset fixes its trials' steps in the file (the measured budget), the batch preset in images.
+    assert (batch.hold, batch.steps, tau.hold, tau.steps) == ("images", 3000, "steps", 3000)
+    assert {load_sweep(p).steps for p in ("transforms", "predictor")} == {3000}
     # The variant beats a command-line override of the key it is an ablation of.
     assert tau.trial_config("tau=0", 0, ["optim.tau_base=0.5"]).optim.tau_base == 0.0
 
