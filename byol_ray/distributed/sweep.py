@@ -11,9 +11,14 @@ table is built (``tracking/report.py``), printed, and logged to the parent run.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,7 @@ from ..config import Config, apply_gpu_recipe
 from ..errors import UserError
 from ..sweep_spec import SweepSpec
 from ..tracking.report import build_report
+from ..tracking.runs import child_runs
 from ..tracking.sweeps import finished_trial_metrics, open_parent, settle_children, trial_run_name, trial_tags
 from .cluster import (
     live_nodes,
@@ -42,6 +48,42 @@ from .sweep_plan import max_epochs, score_untrained_seeds, sweep_plan
 # share (even the 0.01 often suggested) leaves a 2-CPU node 1.98 CPUs: one 1-CPU worker group fewer than
 # the trials Tune starts, which then wait. Memory is a resource too, and reserving 64 MiB of it costs no CPU.
 TRIAL_DRIVER_RESOURCES: dict[str, float] = {"cpu": 0, "memory": 64 * 2**20}
+
+
+@contextlib.contextmanager
+def noted_interrupts() -> Iterator[threading.Event]:
+    """Ctrl-C during ``tuner.fit()``, noted in the event this yields, then handed to Tune as SIGUSR1.
+
+    Tune takes either signal as "stop gracefully": it saves its experiment (a running trial as running, so
+    that a restore resumes it), ends the trials and returns from ``fit()``, the trials it ended marked
+    TERMINATED. When the stop comes during the last trials, nothing in what ``fit()`` returns tells it from
+    a sweep that completed, so the sweep owns SIGINT here and knows. Tune's own SIGINT handler stays off
+    (``TUNE_DISABLE_SIGINT_HANDLER``); a second Ctrl-C stops at once, as Tune's does. Outside the main
+    thread no handler can be set, and Tune sets none either."""
+    seen = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if seen.is_set():
+            raise KeyboardInterrupt
+        seen.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    before_usr1 = signal.getsignal(signal.SIGUSR1)
+    before_handler = signal.signal(signal.SIGINT, on_sigint)
+    before_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, before_handler)
+        signal.signal(signal.SIGUSR1, before_usr1)  # Tune's own stays set after fit() returns
+        if before_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = before_env
 
 
 def trial_key(variant: str, seed: int) -> str:
@@ -181,18 +223,20 @@ def run_sweep(
                     failure_config=tune.FailureConfig(max_failures=0),
                 ),
             )
-        grid = tuner.fit()
+        with noted_interrupts() as interrupted:
+            grid = tuner.fit()
         wall = time.time() - t0
     except BaseException as e:
         tracker.end_after_error("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", f"{type(e).__name__}: {e}")
         raise
 
-    if grid.num_terminated + grid.num_errors < len(trials_cfg):
+    if interrupted.is_set() or grid.num_terminated + grid.num_errors < len(trials_cfg):
         # Ctrl-C: Tune stops gracefully and returns; what ran is saved for the resume.
         settle_children(tracker, "sweep interrupted")
         tracker.end("KILLED")
+        done = len(child_runs(tracker.client, tracker.run_id, "attributes.status = 'FINISHED'"))
         print(
-            f"[sweep] interrupted with {grid.num_terminated} of {len(trials_cfg)} trials done; rerun the same "
+            f"[sweep] interrupted with {done} of {len(trials_cfg)} trials done; rerun the same "
             f"command to resume (finished trials are kept)",
             file=sys.stderr,
             flush=True,
