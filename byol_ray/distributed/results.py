@@ -4,22 +4,22 @@ and table are on disk, and rerunning the command logs them without training agai
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ..config import Config
 from ..core.state import encoder_from_state, load_state
 from ..eval.embedding import example_images, serving_model
-from ..eval.scoring import EvalRow, rows_to_markdown, write_table
+from ..eval.scoring import rows_to_markdown, write_table
 from ..tracking.client import delivery_errors
 from ..tracking.tracker import Tracker, deliver_undelivered, undelivered_path
 from ..tracking.uri import TrackingError, redact
+from ..training.loop import eval_rows_from_metrics
 
 
 def finish_run(cfg: Config, tracker: Tracker | None, result, wall: float) -> dict[str, Any]:
     """Print and write the evaluation table, log it and the encoder, end the MLflow run."""
     metrics = dict(result.metrics or {})
-    rows = [EvalRow(**json.loads(r)) for r in metrics.get("eval_rows", [])]
+    rows = eval_rows_from_metrics(metrics)
     out: dict[str, Any] = {
         "metrics": metrics,
         "rows": rows,

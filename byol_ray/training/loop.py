@@ -578,14 +578,20 @@ def evaluate_on_run_data(
 
 
 def eval_metrics(rows: list[EvalRow]) -> dict[str, Any]:
-    """Flat `eval/<key>/<metric>` numbers plus the rows as JSON (Ray metrics are flat values)."""
-    out: dict[str, Any] = {"eval_rows": [json.dumps(r.__dict__) for r in rows]}
+    """Flat `eval/<key>/<metric>` numbers plus the rows as one JSON string: Ray metrics are flat values, and
+    Tune's TensorBoard logger takes a list for a histogram and warns that it cannot draw one of strings."""
+    out: dict[str, Any] = {"eval_rows": json.dumps([r.__dict__ for r in rows])}
     for r in rows:
         key = EVAL_KEYS.get(r.name, r.name.replace(" ", "_"))
         out[f"eval/{key}/linear_top1"] = r.linear_top1
         out[f"eval/{key}/linear_top5"] = r.linear_top5
         out[f"eval/{key}/knn_top1"] = r.knn_top1
     return out
+
+
+def eval_rows_from_metrics(metrics: dict[str, Any]) -> list[EvalRow]:
+    """The rows `eval_metrics` put in a report (none when the report has no evaluation)."""
+    return [EvalRow(**r) for r in json.loads(metrics.get("eval_rows", "[]"))]
 
 
 # ---- helpers ------------------------------------------------------------------------------------

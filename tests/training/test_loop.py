@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from byol_ray.config import Config
-from byol_ray.training.loop import pretrain
+from byol_ray.training.loop import eval_rows_from_metrics, pretrain
 from byol_ray.training.session import LocalSession
 
 
@@ -43,6 +43,10 @@ def test_short_pretraining_on_fashion_mnist(tmp_path, fmnist_root):
     assert row.feature_dim == 64
     assert row.linear_top1 > 30 and row.knn_top1 > 30
     assert reports[-1]["eval/byol/linear_top1"] == row.linear_top1
+    # Reports are flat numbers and strings, what Tune's loggers take (a list would be drawn as a histogram);
+    # the rows travel as one JSON string and read back whole.
+    assert all(isinstance(v, (int, float, str)) for r in reports for v in r.values()), reports[-1]
+    assert eval_rows_from_metrics(reports[-1]) == out["eval_rows"]
 
     # Without the predictor and with tau = 0 (target = online), the representation collapses quickly.
     cfg0 = _fmnist_cfg(fmnist_root, use_predictor=False).replace(
