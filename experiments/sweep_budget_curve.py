@@ -6,7 +6,9 @@ Ray Train trials, `--max-concurrent` at a time, the untrained encoder scored onc
 training exactly N optimiser steps. It prints and writes (`<out>/budget_curve.md`, `.csv`, `.png`) per
 point: the wall time of the sweep, the minutes one trial took (first trial start to last trial end, times
 the trials run at once, over the trials), each seed's linear top-1 and untrained linear top-1, their gain,
-and the seed-to-seed standard deviation of the BYOL encoder's linear top-1.
+and the seed-to-seed standard deviation of the BYOL encoder's linear top-1. `<out>/budget_curve.json` keeps
+every point with its per-seed values and the overrides it ran with; `--compare OTHER.json` draws an earlier
+curve (another learning rate, say) on the same plot.
 
     .venv/bin/python experiments/sweep_budget_curve.py --preset tau --steps 1000 2000 3500 --seeds 4 \\
         --max-concurrent 2 run.output_dir=outputs/curve
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import statistics
 import sys
@@ -90,25 +93,32 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def label(overrides: list[str]) -> str:
+    return " ".join(overrides) or "the base config"
+
+
+def plot(curves: list[tuple[str, list[dict]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.scatter([r["trial_minutes"]] * len(r["gain"]), list(r["gain"].values()), color="tab:blue", s=14)
-    ax.plot([r["trial_minutes"] for r in rows], [r["gain_mean"] for r in rows], color="tab:blue", marker="o")
-    for r in rows:
-        ax.annotate(
-            f"{r['steps']} steps",
-            (r["trial_minutes"], r["gain_mean"]),
-            textcoords="offset points",
-            xytext=(4, -12),
-            fontsize=8,
-        )
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for (name, rows), color in zip(curves, ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
+        for r in rows:
+            ax.scatter([r["trial_minutes"]] * len(r["gain"]), list(r["gain"].values()), color=color, s=14)
+        minutes = [r["trial_minutes"] for r in rows]
+        ax.plot(minutes, [r["gain_mean"] for r in rows], color=color, marker="o", label=name)
+        for r in rows:
+            ax.annotate(
+                f"{r['steps']} steps",
+                (r["trial_minutes"], r["gain_mean"]),
+                textcoords="offset points",
+                xytext=(4, -12),
+                fontsize=8,
+            )
     ax.axhline(2.0, color="k", lw=0.8, ls="--")
+    ax.legend(fontsize=8, loc="upper left")
     ax.set_xlabel("minutes per trial")
     ax.set_ylabel("linear top-1 gain over the untrained encoder (points)")
     ax.set_title("Baseline row: gain per seed (dots) and mean (line)")
@@ -120,25 +130,33 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tau", help="the sweep whose baseline row and base config are measured")
-    p.add_argument("--steps", type=int, nargs="+", required=True, help="optimiser steps per trial, one point each")
+    p.add_argument("--steps", type=int, nargs="*", default=[], help="optimiser steps per trial, one point each")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--max-concurrent", type=int, default=2)
     p.add_argument("--out", default="outputs/budget_curve")
+    p.add_argument("--compare", nargs="*", default=[], help="budget_curve.json files of earlier curves to draw too")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for every trial")
     args = p.parse_intermixed_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = [json.loads(Path(f).read_text()) for f in args.compare]  # read now: a bad path fails before the runs
+    if not args.steps and not earlier:
+        p.error("give --steps to measure, or --compare curves to draw")
     rows = []
     for steps in args.steps:
         rows.append(point(args.preset, steps, args.seeds, args.max_concurrent, args.overrides))
         md = to_markdown(rows)
         (out / "budget_curve.md").write_text(md)  # after every point: a long run shows its progress
         print("\n" + md, flush=True)
-    pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows]).to_csv(
-        out / "budget_curve.csv", index=False
-    )
-    plot(rows, out / "budget_curve.png")
-    print(f"[curve] written to {out}/budget_curve.md, .csv and .png", flush=True)
+    curves = [(label(e["overrides"]), e["points"]) for e in earlier]
+    if rows:
+        pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rows]).to_csv(
+            out / "budget_curve.csv", index=False
+        )
+        (out / "budget_curve.json").write_text(json.dumps({"overrides": args.overrides, "points": rows}, indent=1))
+        curves.insert(0, (label(args.overrides), rows))
+    plot(curves, out / "budget_curve.png")
+    print(f"[curve] written to {out}/budget_curve{'.md, .csv, .json and ' if rows else ''}.png", flush=True)
     return 0
 
 
