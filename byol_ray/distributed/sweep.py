@@ -58,16 +58,16 @@ def noted_interrupts() -> Iterator[threading.Event]:
     that a restore resumes it), ends the trials and returns from ``fit()``, the trials it ended marked
     TERMINATED. When the stop comes during the last trials, nothing in what ``fit()`` returns tells it from
     a sweep that completed, so the sweep owns SIGINT here and knows. Tune's own SIGINT handler stays off
-    (``TUNE_DISABLE_SIGINT_HANDLER``); a second Ctrl-C stops at once, as Tune's does. Outside the main
-    thread no handler can be set, and Tune sets none either."""
+    (``TUNE_DISABLE_SIGINT_HANDLER``); a second Ctrl-C, or one before Tune listens for SIGUSR1, stops at
+    once as KeyboardInterrupt. Outside the main thread no handler can be set, and Tune sets none either."""
     seen = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield seen
         return
 
     def on_sigint(signum: int, frame: Any) -> None:
-        if seen.is_set():
-            raise KeyboardInterrupt
+        if seen.is_set() or signal.getsignal(signal.SIGUSR1) == before_usr1:
+            raise KeyboardInterrupt  # a second Ctrl-C, or Tune not listening yet: stop here, resumable
         seen.set()
         os.kill(os.getpid(), signal.SIGUSR1)
 
