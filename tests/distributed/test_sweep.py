@@ -20,6 +20,7 @@ import yaml
 from conftest import REPO, write_sweep
 
 from byol_ray.config import apply_gpu_recipe
+from byol_ray.distributed.sweep import noted_interrupts
 from byol_ray.sweep_spec import SweepError, load_sweep, presets
 from byol_ray.tracking.sweeps import stopped_on_purpose
 
@@ -286,6 +287,38 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, f
     parent_id = parent.iloc[0]["run_id"]
     for seed in range(2):
         assert len(client.get_metric_history(parent_id, f"untrained/seed_{seed}/knn_top1")) == 1
+
+
+def _wait_for(condition, timeout_s: float = 5.0) -> bool:
+    """Python runs a signal's handler in the main thread between bytecodes, soon after the signal."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_ctrl_c_during_fit_is_noted_and_handed_to_tune_as_sigusr1():
+    sigint, sigusr1 = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)
+    env_before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    tune_saw: list[int] = []
+    with noted_interrupts() as interrupted:
+        assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"  # Tune leaves SIGINT to the sweep
+        signal.signal(signal.SIGUSR1, lambda signum, frame: tune_saw.append(signum))  # as Tune's fit() does
+        signal.raise_signal(signal.SIGINT)
+        assert _wait_for(lambda: tune_saw == [signal.SIGUSR1])
+        assert interrupted.is_set()
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+            signal.raise_signal(signal.SIGINT)
+            _wait_for(lambda: False, 2.0)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)) == (sigint, sigusr1)
+    assert os.environ.get("TUNE_DISABLE_SIGINT_HANDLER") == env_before
+
+
+def test_a_ctrl_c_before_tune_listens_stops_at_once():
+    with pytest.raises(KeyboardInterrupt), noted_interrupts() as interrupted:
+        signal.raise_signal(signal.SIGINT)  # SIGUSR1 is not Tune's yet: handing it on would end the process
+        _wait_for(lambda: False, 2.0)
+    assert not interrupted.is_set()
 
 
 def test_a_trial_stopped_by_tune_is_told_apart_from_a_failure():
