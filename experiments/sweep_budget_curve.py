@@ -104,7 +104,8 @@ def plot(curves: list[tuple[str, list[dict]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for (name, rows), color in zip(curves, ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
+    for i, (name, rows) in enumerate(curves):
+        color = f"C{i}"  # matplotlib's colour cycle: dots, line and label of one curve share it
         for r in rows:
             ax.scatter([r["trial_minutes"]] * len(r["gain"]), list(r["gain"].values()), color=color, s=14)
         minutes = [r["trial_minutes"] for r in rows]
