@@ -87,6 +87,12 @@ TINY = [
     "run.max_failures=0",
 ]
 
+
+def tiny_train(*overrides: str, python: str = sys.executable) -> list[str]:
+    """The command line of a TINY `python -m byol_ray.train` run with `overrides` after TINY's (later wins)."""
+    return [python, "-m", "byol_ray.train", *TINY, *overrides]
+
+
 # A few seconds of training per trial; 1 worker x 1 CPU so two trials fit a 2-CPU runtime at once.
 TINY_SWEEP_BASE = {
     "data": {"train_subset": 512, "test_subset": 256},

@@ -17,14 +17,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import REPO, TINY, TwoNodes, two_node_cluster
+from conftest import REPO, TwoNodes, tiny_train, two_node_cluster
 
 pytestmark = pytest.mark.ray
 
@@ -46,11 +45,7 @@ def elastic_nodes():
 
 
 def command(nodes: TwoNodes, tmp_path: Path, fmnist_root: str, name: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "byol_ray.train",
-        *TINY,
+    return tiny_train(
         # Splits large enough for a steady linear probe (trained to convergence): on TINY's 512 / 256 images
         # two encoders a few steps apart differ by 1-2 points. Training still takes 3 steps per epoch.
         "data.train_subset=4000",
@@ -66,7 +61,7 @@ def command(nodes: TwoNodes, tmp_path: Path, fmnist_root: str, name: str, *extra
         "tracking.log_model=false",
         "tracking.system_metrics=false",
         *extra,
-    ]
+    )
 
 
 def registered_epochs(run_dir: Path) -> set[int]:

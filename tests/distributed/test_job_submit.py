@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import REPO, TINY, kill_cluster
+from conftest import REPO, kill_cluster, tiny_train
 
 from byol_ray.core.state import encoder_from_state, latest_checkpoint, load_state
 from byol_ray.tracking.models import load_model_weights
@@ -116,7 +116,7 @@ def test_training_submitted_as_a_ray_job_keeps_its_artifacts(head_node, tmp_path
     address, temp_dir = head_node
     out = tmp_path / "out"
     env = ray_env()
-    train = ["python", "-m", "byol_ray.train", *TINY, "optim.epochs=2", f"run.output_dir={out}", "run.name=job"]
+    train = tiny_train("optim.epochs=2", f"run.output_dir={out}", "run.name=job", python="python")
     submit_job(address, "byol-job-test", train, wait=False)
     # A retried submission while the job trains: refused by the job's claim on its run, naming it.
     deadline = time.monotonic() + 300
@@ -217,17 +217,13 @@ def test_rerunning_the_command_resumes_a_run_whose_driver_died(tmp_path):
     import signal
 
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "byol_ray.train",
-        *TINY,
+    cmd = tiny_train(
         "optim.epochs=8",
         "run.num_workers=1",
         f"run.output_dir={out}",
         "run.name=phoenix",
         "tracking.log_model=false",
-    ]
+    )
     ray_tmp = tempfile.mkdtemp(prefix="rph", dir="/tmp")  # this test's local Ray, ended by its processes
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp}
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -33,7 +33,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import REPO, TINY, kill_cluster
+from conftest import REPO, kill_cluster, tiny_train
 
 from byol_ray.core.state import encoder_from_state, latest_checkpoint, load_state
 from byol_ray.tracking.models import load_model_weights
@@ -74,11 +74,7 @@ def cluster():
 
 
 def command(address: str, out: Path, fmnist_root: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "byol_ray.train",
-        *TINY,
+    return tiny_train(
         f"data.root={fmnist_root}",
         "run.num_workers=1",
         "eval.baselines=false",
@@ -87,7 +83,7 @@ def command(address: str, out: Path, fmnist_root: str, *extra: str) -> list[str]
         f"run.output_dir={out}",
         f"run.name={NAME}",
         *extra,
-    ]
+    )
 
 
 def run(cmd: list[str], env: dict[str, str]) -> str:

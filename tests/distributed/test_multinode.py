@@ -11,7 +11,7 @@ import sys
 
 import mlflow
 import pytest
-from conftest import REPO, TINY
+from conftest import REPO, tiny_train
 
 pytestmark = pytest.mark.ray
 
@@ -20,11 +20,7 @@ def test_two_workers_train_on_two_nodes(two_nodes, tmp_path):
     address, env = two_nodes.address, two_nodes.env
     env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
     shared = tmp_path / "shared"
-    cmd = [
-        sys.executable,
-        "-m",
-        "byol_ray.train",
-        *TINY,
+    cmd = tiny_train(
         "optim.epochs=2",
         f"run.address={address}",
         f"run.output_dir={tmp_path / 'out'}",
@@ -32,7 +28,7 @@ def test_two_workers_train_on_two_nodes(two_nodes, tmp_path):
         "run.name=two-nodes",
         f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         "tracking.log_model=false",
-    ]
+    )
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

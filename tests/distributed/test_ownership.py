@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, kill_cluster
+from conftest import REPO, kill_cluster, tiny_train
 
 from byol_ray.config import load_config
 from byol_ray.distributed.ownership import CLAIM_FILE, TTL_ENV, Owner, RunOwnedError, claim_run, machine, process_start
@@ -198,18 +198,14 @@ def test_two_runs_of_one_name_started_at_once_train_once(tmp_path, fmnist_root):
     import mlflow
 
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "byol_ray.train",
-        *TINY,
+    cmd = tiny_train(
         f"data.root={fmnist_root}",
         "run.num_workers=1",
         "eval.baselines=false",
         "tracking.log_model=false",
         f"run.output_dir={out}",
         "run.name=twin",
-    ]
+    )
     ray_tmp = tempfile.mkdtemp(prefix="row", dir="/tmp")  # this test's local Ray, ended by its processes
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI", None)
