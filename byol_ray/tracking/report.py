@@ -159,11 +159,14 @@ def ablation_table(
         lin, knn = _by_seed(done, LINEAR), _by_seed(done, KNN)
         lin_m, lin_s = _mean_std(done[LINEAR])
         knn_m, knn_s = _mean_std(done[KNN])
+        # The tag is set by the driver at the end; the per-epoch metric survives a trial cut short.
+        collapsed = int(((r["tags.collapsed"] == "true") | (r["metrics.collapsed"] == 1.0)).sum())
         if v.name == spec.baseline:
             delta = Paired(len(lin), 0.0, math.nan, math.nan, math.nan)
         else:
             delta = paired(differences(lin, base_lin))
-            deltas.append(delta)
+            if not collapsed:
+                deltas.append(delta)
         short = _under_plan(done, planned_steps)
         rows.append(
             {
@@ -180,8 +183,7 @@ def ablation_table(
                 **_stats("delta", delta),
                 "delta_sd": delta.sd,
                 "resolved": _verdict(v.name, spec, delta),
-                # The tag is set by the driver at the end; the per-epoch metric survives a trial cut short.
-                "collapsed": int(((r["tags.collapsed"] == "true") | (r["metrics.collapsed"] == 1.0)).sum()),
+                "collapsed": collapsed,
                 "stopped_early": int(r["tags.stopped"].notna().sum()),
                 "under_plan": len(short) if plan_known else math.nan,
                 "under_plan_trials": "; ".join(short),
@@ -189,8 +191,10 @@ def ablation_table(
             }
         )
     t = pd.DataFrame(rows)
-    # What the sweep can resolve: the half-width of a row's interval at the pooled sd of every row's
-    # paired differences to the baseline, with as many seeds as the sweep has.
+    # What the sweep can resolve: the half-width of a row's interval at the pooled sd of the rows' paired
+    # differences to the baseline, with as many seeds as the sweep has. A row with a collapsed trial is left
+    # out: its spread is where each seed happened to collapse, not the noise of a variant that trains, and
+    # one such row would hide what the others can resolve.
     t["pooled_delta_sd"] = pooled_sd(deltas)
     t["resolvable_delta"] = resolvable_difference(pooled_sd(deltas), len(spec.seeds))
     b = t[t["variant"] == spec.baseline].iloc[0]
@@ -233,7 +237,7 @@ def header(t: pd.DataFrame, spec: SweepSpec) -> str:
     res = t["resolvable_delta"].iloc[0]
     smallest = (
         f"smallest resolvable Δ with {n} seeds: ±{res:.2f} points (t({0.5 + LEVEL / 2:g}, {n - 1}) × pooled sd "
-        f"of the rows' paired differences, {t['pooled_delta_sd'].iloc[0]:.2f}, / √{n})"
+        f"of the paired differences of the rows without a collapse, {t['pooled_delta_sd'].iloc[0]:.2f}, / √{n})"
         if not math.isnan(res)
         else "smallest resolvable Δ: n/a (needs 2+ seeds in 2+ rows)"
     )

@@ -117,6 +117,20 @@ def test_resolved_exactly_where_the_interval_excludes_zero():
     assert t["resolvable_delta"].iloc[0] == pytest.approx(T2 * pooled / math.sqrt(3))
 
 
+def test_a_row_with_a_collapse_is_left_out_of_what_the_sweep_can_resolve():
+    # straddles (186/72, the widest spread) collapsed on one seed: the pool is the other five rows.
+    t = table(**{"straddles/1": {"tags.collapsed": "true"}}).set_index("variant")
+    pooled = math.sqrt((1 / 12 + 0.04 + 1 / 12) / 5)  # 2 dof each
+    assert t["pooled_delta_sd"].iloc[0] == pytest.approx(pooled)
+    assert t["resolvable_delta"].iloc[0] == pytest.approx(T2 * pooled / math.sqrt(3))
+    # The row itself keeps its own interval, and counts its collapse.
+    assert t.loc["straddles", "delta_lo"] == pytest.approx(1 / 6 - T2 * math.sqrt(186 / 72) / math.sqrt(3))
+    assert t.loc["straddles", "collapsed"] == 1
+    # A collapse logged only as the per-epoch metric (a trial cut short before its end tag) counts too.
+    t = table(**{"straddles/2": {"metrics.collapsed": 1.0}}).set_index("variant")
+    assert t["pooled_delta_sd"].iloc[0] == pytest.approx(pooled)
+
+
 def test_ordering_is_checked_for_resolved_rows_only():
     t = table().set_index("variant")
     assert dict(t["ordering_holds"]) == {
