@@ -336,11 +336,14 @@ def plot(t: pd.DataFrame, spec: SweepSpec, path: Path, untrained: pd.DataFrame |
     ax1.set_xlabel("linear top-1 (%), this sweep, mean ± std over seeds")
     ax1.axvline(t.loc[t["variant"] == spec.baseline, "linear_mean"].iloc[0], color="k", lw=0.8, ls="--")
     seen = list(t["linear_mean"].dropna())
-    if untrained is not None:
-        for s, score in untrained["linear"].dropna().items():
-            ax1.axvline(score, color="tab:green", lw=0.8, ls=":")
-            ax1.annotate(f"untrained s{s}", (score, n - 0.5), rotation=90, fontsize=7, color="tab:green", va="top")
-            seen.append(score)
+    scores = untrained["linear"].dropna() if untrained is not None else pd.Series(dtype=float)
+    for score in scores:
+        ax1.axvline(score, color="tab:green", lw=0.8, ls=":")
+        seen.append(score)
+    if len(scores):
+        # One label for all the lines: the seeds' untrained encoders often score within a point of each other.
+        label = f"untrained, seed{'s' if len(scores) > 1 else ''} {', '.join(str(s) for s in scores.index)}"
+        ax1.annotate(label, (scores.min(), n - 0.5), rotation=90, fontsize=7, color="tab:green", va="top", ha="right")
     if seen:
         ax1.set_xlim(max(0.0, min(seen) - 5), min(100.0, max(seen) + 3))
     # Δ to the baseline with its CI: filled where the interval excludes 0, hollow where it does not.

@@ -232,6 +232,8 @@ def test_plot_marks_untrained_seeds_shows_intervals_and_draws_no_empty_paper_pan
     # One vertical line per seed's untrained encoder, at its score.
     dotted = sorted(line.get_xdata()[0] for line in linear.get_lines() if line.get_linestyle() == ":")
     assert dotted == [70.0, 76.0, 77.0]
+    # Labelled once, left of the leftmost line: three labels a point apart would print over each other.
+    assert [(a.get_text(), a.xy[0]) for a in linear.texts] == [("untrained, seeds 0, 1, 2", 70.0)]
     # The Δ panel: one point per row at its mean difference, its error bar the interval's half-width.
     xs = sorted(x for line in deltas.get_lines() if line.get_marker() == "o" for x in line.get_xdata())
     assert xs == pytest.approx(sorted(t["delta"]))
